@@ -1,0 +1,1 @@
+//! tandem's test harness: helpers shared by the multi-process and interop tests in `tests/`.
