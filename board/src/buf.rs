@@ -31,8 +31,16 @@ impl IoBuf {
     pub fn new(capacity: usize) -> IoBuf {
         let bytes = vec![0u8; capacity + IO_ALIGN];
         let start = bytes.as_ptr().align_offset(IO_ALIGN);
-        assert!(start < IO_ALIGN, "align_offset on u8 pointers always succeeds");
-        IoBuf { bytes, start, capacity, len: capacity }
+        assert!(
+            start < IO_ALIGN,
+            "align_offset on u8 pointers always succeeds"
+        );
+        IoBuf {
+            bytes,
+            start,
+            capacity,
+            len: capacity,
+        }
     }
 
     /// The most bytes this buffer can hold.
@@ -55,7 +63,11 @@ impl IoBuf {
     /// # Panics
     /// If `len` exceeds the capacity: a caller bug.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.capacity, "IoBuf length {len} over capacity {}", self.capacity);
+        assert!(
+            len <= self.capacity,
+            "IoBuf length {len} over capacity {}",
+            self.capacity
+        );
         self.len = len;
     }
 

@@ -48,7 +48,12 @@ pub enum DiskRequest {
     /// Tells the device a range is no longer needed; reading it later returns zeroes on files.
     Discard { offset: u64, len: u64, fua: bool },
     /// Makes a range read as zeroes; `may_deallocate` allows punching a hole.
-    WriteZeroes { offset: u64, len: u64, may_deallocate: bool, fua: bool },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_deallocate: bool,
+        fua: bool,
+    },
     /// Reports which parts of a range hold data and which are holes (regular files only; a
     /// block device reports one data extent).
     MapExtents { offset: u64, len: u64 },
@@ -70,8 +75,9 @@ pub enum DiskDone {
     Buf(IoBuf),
     /// A flush, discard or zeroing.
     Done,
-    /// The extents of a `MapExtents` request, in order from its offset.
-    Extents(heapless::Vec<Extent, EXTENT_COUNT_MAX>),
+    /// The extents of a `MapExtents` request, in order from its offset. Boxed: completions
+    /// move through queues on the hot path and most of them are reads and writes.
+    Extents(Box<heapless::Vec<Extent, EXTENT_COUNT_MAX>>),
 }
 
 /// A request that failed, with the errno the kernel gave.
@@ -161,6 +167,8 @@ pub struct LinuxDisk {
     ready: VecDeque<DiskCompletion>,
     zeroes: IoBuf,
     unsubmitted: u32,
+    /// Buffered writes are done synchronously (the filesystem refused RWF_NOWAIT).
+    buffered_write_blocks: bool,
 }
 
 impl std::fmt::Debug for LinuxDisk {
@@ -188,8 +196,11 @@ impl LinuxDisk {
         if !is_block_device && !meta.is_file() {
             return Err(DiskOpenError::NotADisk);
         }
-        let buffered =
-            OpenOptions::new().read(true).write(true).open(path).map_err(DiskOpenError::Io)?;
+        let buffered = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(DiskOpenError::Io)?;
         let direct = if direct_io {
             let file = OpenOptions::new()
                 .read(true)
@@ -219,6 +230,7 @@ impl LinuxDisk {
             ready: VecDeque::new(),
             zeroes: IoBuf::new(ZERO_CHUNK_BYTES),
             unsubmitted: 0,
+            buffered_write_blocks: false,
         })
     }
 
@@ -254,10 +266,31 @@ impl LinuxDisk {
     pub fn push(&mut self, tag: u64, request: DiskRequest) {
         if let DiskRequest::MapExtents { offset, len } = request {
             let result = self.map_extents(offset, len);
-            self.ready.push_back(DiskCompletion { tag, result, buf: None });
+            self.ready.push_back(DiskCompletion {
+                tag,
+                result,
+                buf: None,
+            });
             return;
         }
-        let slot = Slot { tag, request, stage: Stage::Main, done_bytes: 0 };
+        let mut slot = Slot {
+            tag,
+            request,
+            stage: Stage::Main,
+            done_bytes: 0,
+        };
+        if self.try_inline(&mut slot) {
+            let (tag, buf) = match slot.request {
+                DiskRequest::Read { buf, .. } | DiskRequest::Write { buf, .. } => (slot.tag, buf),
+                _ => unreachable!("only reads and writes complete inline"),
+            };
+            self.ready.push_back(DiskCompletion {
+                tag,
+                result: Ok(DiskDone::Buf(buf)),
+                buf: None,
+            });
+            return;
+        }
         let index = match self.free_slots.pop() {
             Some(index) => {
                 self.slots[index] = Some(slot);
@@ -269,6 +302,73 @@ impl LinuxDisk {
             }
         };
         self.issue(index);
+    }
+
+    /// Tries a page-cache transfer right away with RWF_NOWAIT, which the kernel refuses (EAGAIN)
+    /// instead of blocking. Most buffered reads and writes complete this way, without a trip
+    /// through io_uring's worker threads; the rest go to the ring as usual. Returns true when
+    /// the whole transfer is done.
+    ///
+    /// Filesystems that refuse RWF_NOWAIT for buffered writes (ext4 answers EOPNOTSUPP) get
+    /// plain synchronous writes into the page cache: far cheaper than a hand-off to a kernel
+    /// worker per write, at the price of blocking the loop while the kernel throttles dirty
+    /// pages. Direct I/O (the default for block devices) never takes this path.
+    fn try_inline(&mut self, slot: &mut Slot) -> bool {
+        let nowait = rustix::io::ReadWriteFlags::NOWAIT;
+        let write_flags = if self.buffered_write_blocks {
+            rustix::io::ReadWriteFlags::empty()
+        } else {
+            nowait
+        };
+        let (result, total) = match &mut slot.request {
+            DiskRequest::Read { offset, buf } if self.direct.is_none() => {
+                let len = buf.len();
+                (
+                    rustix::io::preadv2(
+                        &self.buffered,
+                        &mut [std::io::IoSliceMut::new(buf.as_mut_slice())],
+                        *offset,
+                        nowait,
+                    ),
+                    len,
+                )
+            }
+            DiskRequest::Write {
+                offset,
+                buf,
+                fua: false,
+            } if self.direct.is_none() => {
+                let len = buf.len();
+                (
+                    rustix::io::pwritev2(
+                        &self.buffered,
+                        &[std::io::IoSlice::new(buf.as_slice())],
+                        *offset,
+                        write_flags,
+                    ),
+                    len,
+                )
+            }
+            _ => return false,
+        };
+        match result {
+            Ok(n) if n == total => true,
+            Ok(n) => {
+                // A short transfer: the ring finishes the rest.
+                slot.done_bytes = n;
+                false
+            }
+            Err(rustix::io::Errno::OPNOTSUPP)
+                if matches!(slot.request, DiskRequest::Write { .. }) =>
+            {
+                log::debug!(
+                    "disk: buffered writes cannot be non-blocking here; writing synchronously"
+                );
+                self.buffered_write_blocks = true;
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// Hands every queued operation to the kernel.
@@ -318,7 +418,9 @@ impl LinuxDisk {
                 let offset = *offset + done as u64;
                 let fd = fd_for(&self.direct, buffered.0, offset, rest.len(), rest.as_ptr());
                 let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), len).offset(offset).build()
+                opcode::Read::new(types::Fd(fd), rest.as_mut_ptr(), len)
+                    .offset(offset)
+                    .build()
             }
             (DiskRequest::Write { offset, buf, fua }, Stage::Main) => {
                 let done = slot.done_bytes;
@@ -332,20 +434,34 @@ impl LinuxDisk {
                     .rw_flags(flags)
                     .build()
             }
-            (DiskRequest::Flush, _) | (_, Stage::Sync) => {
-                opcode::Fsync::new(buffered).flags(types::FsyncFlags::DATASYNC).build()
-            }
+            (DiskRequest::Flush, _) | (_, Stage::Sync) => opcode::Fsync::new(buffered)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
             (DiskRequest::Discard { offset, len, .. }, Stage::Main) => {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                opcode::Fallocate::new(buffered, *len).offset(*offset).mode(mode).build()
+                opcode::Fallocate::new(buffered, *len)
+                    .offset(*offset)
+                    .mode(mode)
+                    .build()
             }
-            (DiskRequest::WriteZeroes { offset, len, may_deallocate, .. }, Stage::Main) => {
+            (
+                DiskRequest::WriteZeroes {
+                    offset,
+                    len,
+                    may_deallocate,
+                    ..
+                },
+                Stage::Main,
+            ) => {
                 let mode = if *may_deallocate {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 };
-                opcode::Fallocate::new(buffered, *len).offset(*offset).mode(mode).build()
+                opcode::Fallocate::new(buffered, *len)
+                    .offset(*offset)
+                    .mode(mode)
+                    .build()
             }
             (DiskRequest::WriteZeroes { offset, len, .. }, Stage::ZeroFill { next }) => {
                 let chunk = (*len - next).min(ZERO_CHUNK_BYTES as u64) as u32;
@@ -441,54 +557,83 @@ impl LinuxDisk {
         let tag = slot.tag;
         let completion = match (slot.request, result) {
             (DiskRequest::Read { buf, .. } | DiskRequest::Write { buf, .. }, Ok(())) => {
-                DiskCompletion { tag, result: Ok(DiskDone::Buf(buf)), buf: None }
+                DiskCompletion {
+                    tag,
+                    result: Ok(DiskDone::Buf(buf)),
+                    buf: None,
+                }
             }
             (DiskRequest::Read { buf, .. } | DiskRequest::Write { buf, .. }, Err(e)) => {
-                DiskCompletion { tag, result: Err(e), buf: Some(buf) }
+                DiskCompletion {
+                    tag,
+                    result: Err(e),
+                    buf: Some(buf),
+                }
             }
-            (_, Ok(())) => DiskCompletion { tag, result: Ok(DiskDone::Done), buf: None },
-            (_, Err(e)) => DiskCompletion { tag, result: Err(e), buf: None },
+            (_, Ok(())) => DiskCompletion {
+                tag,
+                result: Ok(DiskDone::Done),
+                buf: None,
+            },
+            (_, Err(e)) => DiskCompletion {
+                tag,
+                result: Err(e),
+                buf: None,
+            },
         };
         self.ready.push_back(completion);
     }
 
     /// Finds data and holes with SEEK_DATA / SEEK_HOLE. Synchronous: these lookups only read
     /// the file's extent map.
-    fn map_extents(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> Result<DiskDone, DiskError> {
+    fn map_extents(&self, offset: u64, len: u64) -> Result<DiskDone, DiskError> {
         let mut extents = heapless::Vec::new();
         let end = offset + len;
         if self.is_block_device {
-            let _ = extents.push(Extent { len, is_hole: false });
-            return Ok(DiskDone::Extents(extents));
+            let _ = extents.push(Extent {
+                len,
+                is_hole: false,
+            });
+            return Ok(DiskDone::Extents(Box::new(extents)));
         }
         let fd = self.buffered.as_fd();
         let mut pos = offset;
         while pos < end && !extents.is_full() {
             let data = seek(fd, pos, libc::SEEK_DATA)?.unwrap_or(end).min(end);
             if data > pos {
-                let _ = extents.push(Extent { len: data - pos, is_hole: true });
+                let _ = extents.push(Extent {
+                    len: data - pos,
+                    is_hole: true,
+                });
                 pos = data;
                 continue;
             }
             let hole = seek(fd, pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-            let _ = extents.push(Extent { len: hole.max(pos + 1) - pos, is_hole: false });
+            let _ = extents.push(Extent {
+                len: hole.max(pos + 1) - pos,
+                is_hole: false,
+            });
             pos = hole.max(pos + 1);
         }
-        Ok(DiskDone::Extents(extents))
+        Ok(DiskDone::Extents(Box::new(extents)))
     }
 }
 
 /// The descriptor for a transfer: the O_DIRECT one when there is one and the transfer is
 /// aligned in offset, length and memory, else the buffered one.
-fn fd_for(direct: &Option<File>, buffered: RawFd, offset: u64, len: usize, ptr: *const u8) -> RawFd {
+fn fd_for(
+    direct: &Option<File>,
+    buffered: RawFd,
+    offset: u64,
+    len: usize,
+    ptr: *const u8,
+) -> RawFd {
     let align = IO_ALIGN as u64;
     match direct {
         Some(direct)
-            if offset % align == 0 && len as u64 % align == 0 && (ptr as usize) % IO_ALIGN == 0 =>
+            if offset.is_multiple_of(align)
+                && (len as u64).is_multiple_of(align)
+                && (ptr as usize).is_multiple_of(IO_ALIGN) =>
         {
             direct.as_raw_fd()
         }
@@ -505,6 +650,8 @@ fn seek(fd: BorrowedFd<'_>, pos: u64, whence: i32) -> Result<Option<u64>, DiskEr
     match rustix::fs::seek(fd, from) {
         Ok(found) => Ok(Some(found)),
         Err(rustix::io::Errno::NXIO) => Ok(None),
-        Err(e) => Err(DiskError { errno: e.raw_os_error() }),
+        Err(e) => Err(DiskError {
+            errno: e.raw_os_error(),
+        }),
     }
 }

@@ -10,9 +10,11 @@
 
 pub mod buf;
 pub mod disk;
+pub mod signals;
 
 pub use buf::IoBuf;
 pub use disk::{
     DiskCompletion, DiskDone, DiskError, DiskOpenError, DiskRequest, Extent, LinuxDisk,
     EXTENT_COUNT_MAX,
 };
+pub use signals::TerminationSignals;

@@ -13,6 +13,16 @@
 //! Configuration (`config`) and the command line (`cli`, the `tandem` binary) sit on top.
 #![forbid(unsafe_code)]
 
+pub mod buffer;
+pub mod cli;
 pub mod config;
+pub mod console;
 pub mod constants;
+pub mod exit;
+pub mod logger;
 pub mod metadata;
+pub mod nbd;
+pub mod node;
+pub mod runtime;
+pub mod time;
+pub mod wire;

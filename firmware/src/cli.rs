@@ -1,0 +1,312 @@
+//! The `tandem` command line: `run`, `init`, `ctl`, `check-config`, `demo`.
+
+use crate::config::{self, Config, LoadError};
+use crate::exit;
+use crate::runtime::{self, Runtime};
+use lexopt::prelude::*;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const USAGE: &str = "\
+usage: tandem <command> [options]
+
+commands:
+  run --config FILE                      run one node in the foreground until SIGTERM/SIGINT
+  init --config FILE [--force]           write fresh tandem metadata on the backing device
+  ctl --socket PATH [--json] [--yes] COMMAND...
+                                         send one console command to a running node
+  check-config FILE                      validate a config file
+  demo                                   a local pair, a pulled plug, failover (not yet built)
+
+'tandem <command> --help' describes each command.";
+
+const RUN_USAGE: &str = "\
+usage: tandem run --config FILE
+
+Runs one node in the foreground until SIGTERM or SIGINT and logs to stderr.
+Exit status: 0 after SIGTERM/SIGINT, 64 bad usage, 78 bad config, 66 backing device
+missing or refused, 73 a socket in use, 70 internal error.";
+
+const INIT_USAGE: &str = "\
+usage: tandem init --config FILE [--force]
+
+Writes fresh tandem metadata at the end of the configured backing device. Without --force
+it refuses a device that already holds a tandem volume or carries a foreign signature
+(a filesystem, RAID, LVM, a partition table). With --force the device's volume identity
+is replaced: nothing else on it is touched, but a peer will resync it in full.";
+
+const CTL_USAGE: &str = "\
+usage: tandem ctl --socket PATH [--json] [--yes] COMMAND...
+
+Sends one console command to the node listening on PATH and prints its reply. --json asks
+for JSON (status). Commands that move the role or can discard data (switchover,
+promote --force, resolve-split-brain) are refused without --yes: ctl never prompts.
+Exit status: 0 on success, 1 when the node refuses the command, 69 when no node answers,
+64 bad usage.";
+
+const CHECK_USAGE: &str = "\
+usage: tandem check-config FILE
+
+Validates a config file and prints every problem with its line and key.
+Exit status: 0 when the file is valid, 78 otherwise.";
+
+/// A command-line problem: one line for the operator and an exit status.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit status.
+    pub code: u8,
+    /// What went wrong (may span lines for config problems).
+    pub message: String,
+}
+
+fn usage(message: impl std::fmt::Display, command: &str) -> Failure {
+    Failure {
+        code: exit::USAGE,
+        message: format!("{message} (see 'tandem {command} --help')"),
+    }
+}
+
+fn lexopt_failure(e: lexopt::Error, command: &str) -> Failure {
+    usage(e, command)
+}
+
+/// Runs the command line; returns the exit status, or a failure to print.
+pub fn main(args: Vec<OsString>) -> Result<u8, Failure> {
+    let mut parser = lexopt::Parser::from_args(args);
+    let command = match parser.next().map_err(|e| lexopt_failure(e, ""))? {
+        Some(Value(command)) => command.string().map_err(|e| lexopt_failure(e, ""))?,
+        Some(Long("help")) | Some(Short('h')) => {
+            println!("{USAGE}");
+            return Ok(exit::OK);
+        }
+        Some(Long("version")) => {
+            println!("tandem {}", env!("CARGO_PKG_VERSION"));
+            return Ok(exit::OK);
+        }
+        Some(other) => return Err(usage(other.unexpected(), "")),
+        None => {
+            return Err(Failure {
+                code: exit::USAGE,
+                message: USAGE.to_string(),
+            });
+        }
+    };
+    match command.as_str() {
+        "run" => run(parser),
+        "init" => init(parser),
+        "ctl" => ctl(parser),
+        "check-config" => check_config(parser),
+        "demo" => demo(parser),
+        other => Err(usage(format!("unknown command '{other}'"), "")),
+    }
+}
+
+fn config_path(
+    parser: &mut lexopt::Parser,
+    command: &str,
+    help: &str,
+    allow_force: bool,
+) -> Result<Option<(PathBuf, bool)>, Failure> {
+    let mut path = None;
+    let mut force = false;
+    while let Some(arg) = parser.next().map_err(|e| lexopt_failure(e, command))? {
+        match arg {
+            Long("config") | Short('c') => {
+                path = Some(PathBuf::from(
+                    parser.value().map_err(|e| lexopt_failure(e, command))?,
+                ))
+            }
+            Long("force") if allow_force => force = true,
+            Long("help") | Short('h') => {
+                println!("{help}");
+                return Ok(None);
+            }
+            other => return Err(usage(other.unexpected(), command)),
+        }
+    }
+    match path {
+        Some(path) => Ok(Some((path, force))),
+        None => Err(usage("missing --config FILE", command)),
+    }
+}
+
+fn load_config(path: &std::path::Path) -> Result<Config, Failure> {
+    config::load(path).map_err(|e| {
+        let message = match &e {
+            LoadError::Unreadable { .. } => format!("cannot read the config: {e}"),
+            LoadError::Invalid { .. } => format!("the config is not valid:\n{e}"),
+        };
+        Failure {
+            code: exit::CONFIG,
+            message,
+        }
+    })
+}
+
+fn run(mut parser: lexopt::Parser) -> Result<u8, Failure> {
+    let Some((path, _)) = config_path(&mut parser, "run", RUN_USAGE, false)? else {
+        return Ok(exit::OK);
+    };
+    let config = load_config(&path)?;
+    if !config.is_standalone() {
+        return Err(Failure {
+            code: exit::CONFIG,
+            message: format!(
+                "{}: [peer]: mirroring to a peer is not available in this build yet; remove \
+                 [peer] to run a standalone node",
+                path.display()
+            ),
+        });
+    }
+    crate::logger::install(&config.node.name, "standalone");
+    let failure = |e: runtime::StartError| Failure {
+        code: e.exit_code(),
+        message: e.to_string(),
+    };
+    let runtime = Runtime::start(&config).map_err(failure)?;
+    runtime.run().map_err(failure)?;
+    Ok(exit::OK)
+}
+
+fn init(mut parser: lexopt::Parser) -> Result<u8, Failure> {
+    let Some((path, force)) = config_path(&mut parser, "init", INIT_USAGE, true)? else {
+        return Ok(exit::OK);
+    };
+    let config = load_config(&path)?;
+    let volume = runtime::init(&config, force).map_err(|e| Failure {
+        code: e.exit_code(),
+        message: e.to_string(),
+    })?;
+    println!(
+        "initialized {} (volume_bytes={})",
+        config.volume.backing.display(),
+        volume.layout.volume_bytes
+    );
+    Ok(exit::OK)
+}
+
+fn check_config(mut parser: lexopt::Parser) -> Result<u8, Failure> {
+    let mut path = None;
+    while let Some(arg) = parser
+        .next()
+        .map_err(|e| lexopt_failure(e, "check-config"))?
+    {
+        match arg {
+            Value(value) if path.is_none() => path = Some(PathBuf::from(value)),
+            Long("help") | Short('h') => {
+                println!("{CHECK_USAGE}");
+                return Ok(exit::OK);
+            }
+            other => return Err(usage(other.unexpected(), "check-config")),
+        }
+    }
+    let Some(path) = path else {
+        return Err(usage("missing FILE", "check-config"));
+    };
+    let config = load_config(&path)?;
+    println!("{}: valid", path.display());
+    if config.is_standalone() {
+        println!("standalone node: no mirroring, no failover");
+    }
+    Ok(exit::OK)
+}
+
+/// Commands that move the role or can discard data: `ctl` needs `--yes` for them.
+fn needs_confirmation(words: &[String]) -> bool {
+    matches!(
+        words.first().map(String::as_str),
+        Some("switchover" | "promote" | "resolve-split-brain")
+    )
+}
+
+fn ctl(mut parser: lexopt::Parser) -> Result<u8, Failure> {
+    let mut socket = None;
+    let mut json = false;
+    let mut yes = false;
+    let mut words: Vec<String> = Vec::new();
+    while let Some(arg) = parser.next().map_err(|e| lexopt_failure(e, "ctl"))? {
+        match arg {
+            Long("socket") | Short('s') if words.is_empty() => {
+                socket = Some(PathBuf::from(
+                    parser.value().map_err(|e| lexopt_failure(e, "ctl"))?,
+                ))
+            }
+            Long("json") => json = true,
+            Long("yes") | Short('y') => yes = true,
+            Long("help") | Short('h') if words.is_empty() => {
+                println!("{CTL_USAGE}");
+                return Ok(exit::OK);
+            }
+            Value(value) => words.push(value.string().map_err(|e| lexopt_failure(e, "ctl"))?),
+            // Flags after the command word belong to the command (promote --force, --keep).
+            Long(flag) if !words.is_empty() => words.push(format!("--{flag}")),
+            other => return Err(usage(other.unexpected(), "ctl")),
+        }
+    }
+    let Some(socket) = socket else {
+        return Err(usage("missing --socket PATH", "ctl"));
+    };
+    if words.is_empty() {
+        return Err(usage("missing COMMAND", "ctl"));
+    }
+    if needs_confirmation(&words) && !yes {
+        return Err(Failure {
+            code: exit::USAGE,
+            message: format!(
+                "'{}' moves the role or can discard data; ctl never prompts: add --yes to confirm",
+                words.join(" ")
+            ),
+        });
+    }
+    let line = format!("{}{}\n", if json { "--json " } else { "" }, words.join(" "));
+    let unreachable = |e: std::io::Error| Failure {
+        code: 69,
+        message: format!("no node answers on {}: {e}", socket.display()),
+    };
+    let mut stream = UnixStream::connect(&socket).map_err(unreachable)?;
+    let timeout = Some(Duration::from_secs(30));
+    stream.set_read_timeout(timeout).map_err(unreachable)?;
+    stream.set_write_timeout(timeout).map_err(unreachable)?;
+    stream.write_all(line.as_bytes()).map_err(unreachable)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).map_err(unreachable)?;
+    let (status, body) = reply.split_once('\n').unwrap_or((reply.as_str(), ""));
+    let body = body.strip_suffix('\n').unwrap_or(body);
+    match status {
+        "ok" => {
+            if !body.is_empty() {
+                println!("{body}");
+            }
+            Ok(exit::OK)
+        }
+        "error" => Err(Failure {
+            code: exit::FAILED,
+            message: body.to_string(),
+        }),
+        _ => Err(Failure {
+            code: exit::FAILED,
+            message: format!("the node on {} sent an unexpected reply", socket.display()),
+        }),
+    }
+}
+
+fn demo(mut parser: lexopt::Parser) -> Result<u8, Failure> {
+    if let Some(arg) = parser.next().map_err(|e| lexopt_failure(e, "demo"))? {
+        if matches!(arg, Long("help") | Short('h')) {
+            println!(
+                "usage: tandem demo\n\nA local pair with a failover under load (not yet built)."
+            );
+            return Ok(exit::OK);
+        }
+        return Err(usage(arg.unexpected(), "demo"));
+    }
+    Err(Failure {
+        code: 69,
+        message: "tandem demo needs mirroring and failover, which this build does not have yet; \
+                  see README.md for what works today"
+            .to_string(),
+    })
+}

@@ -1,0 +1,365 @@
+//! The node: the one top-level sans-IO state machine the runtime drives.
+//!
+//! A node owns the NBD server and maps its volume requests onto the local disk. It knows its
+//! role and the state of its disk and answers the console's commands. With mirroring (a later
+//! issue) it will also own the peer link and the replication engine; the runtime's loop stays the
+//! same.
+//!
+//! Method kinds, in quinn's words: getters (`status`, `poll_timeout`), inputs (`handle_*`),
+//! commands (`recycle`), outputs (`poll_output`). After any input the runtime drains
+//! `poll_output` until it returns `None`.
+
+use crate::console::{self, Command, CommandError};
+use crate::nbd::{
+    ConnId, ExportInfo, Head, Server, ServerCounters, ServerOutput, VolumeDone, VolumeRequest,
+};
+use crate::time::Instant;
+use crate::wire::nbd::errno;
+use tandem_board::{DiskCompletion, DiskDone, DiskRequest, IoBuf};
+
+/// The node's part in the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Serves the volume and mirrors it to the peer.
+    Primary,
+    /// Receives the mirror; refuses NBD clients.
+    Secondary,
+    /// No peer configured: serves the volume alone.
+    Standalone,
+    /// Fenced itself; serves nothing.
+    Fenced,
+    /// No configuration yet.
+    Unconfigured,
+}
+
+/// How current this node's copy of the data is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskState {
+    /// Known to hold the newest data.
+    UpToDate,
+    /// Whole, but freshness unknown until compared with the peer.
+    Consistent,
+    /// Known to be older than the peer's.
+    Outdated,
+    /// Partly written by a resync that has not finished.
+    Inconsistent,
+    /// Receiving a resync.
+    Syncing,
+    /// No local disk.
+    Diskless,
+}
+
+/// What the node knows of its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// At least one link is up both ways.
+    Connected,
+    /// Frames arrive, but no link is up both ways.
+    Half,
+    /// Nothing heard for the dead time.
+    Lost,
+    /// No peer configured.
+    None,
+}
+
+/// What the runtime must do for the node.
+#[derive(Debug)]
+pub enum Output {
+    /// Send `head` then `data` to a client; give `data` back with [`Node::recycle`].
+    Send {
+        conn: ConnId,
+        head: Head,
+        data: Option<IoBuf>,
+    },
+    /// Submit a disk request; report its completion with the same tag.
+    Disk { tag: u64, request: DiskRequest },
+    /// Close a client connection once its queued bytes are sent.
+    Close { conn: ConnId },
+}
+
+/// Progress of the current or most recent resync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncProgress {
+    /// Bytes copied so far.
+    pub done_bytes: u64,
+    /// Bytes to copy in all.
+    pub total_bytes: u64,
+}
+
+/// The state of each link to the peer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LinkStates {
+    /// The direct heartbeat cable.
+    pub heartbeat: &'static str,
+    /// The client network.
+    pub lan: &'static str,
+}
+
+/// Everything `status` reports (INTERFACE.md names the JSON fields).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Status {
+    /// This node's name.
+    pub node: String,
+    /// Its role.
+    pub role: Role,
+    /// Its disk.
+    pub disk: DiskState,
+    /// Its peer.
+    pub peer: PeerState,
+    /// Both links.
+    pub links: LinkStates,
+    /// The lan uplink: "healthy", "down" or "unknown".
+    pub uplink: &'static str,
+    /// The role epoch.
+    pub epoch: u64,
+    /// Whether automatic failover is configured and not suspended.
+    pub auto_failover: bool,
+    /// Whether a failover could happen right now.
+    pub ready_for_failover: bool,
+    /// Why not.
+    pub not_ready_reasons: Vec<String>,
+    /// Degraded but still protected.
+    pub warnings: Vec<String>,
+    /// Resync progress.
+    pub sync: SyncProgress,
+    /// Size of the exported volume.
+    pub volume_bytes: u64,
+    /// The backing device.
+    pub backing: String,
+    /// Seconds since the node started.
+    pub uptime_s: u64,
+    /// Clients connected.
+    pub clients: usize,
+    /// Requests in flight.
+    pub requests_in_flight: usize,
+    /// I/O counters.
+    pub io: ServerCounters,
+}
+
+/// How a node starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// The node's name.
+    pub name: String,
+    /// The backing device, for display.
+    pub backing: String,
+    /// Size of the exported volume.
+    pub volume_bytes: u64,
+}
+
+/// The answer to a console or control command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandReply {
+    /// False when the command failed; `text` then says why in one line.
+    pub ok: bool,
+    /// The reply.
+    pub text: String,
+}
+
+/// Disk tags carry their origin in the top bits, so that later subsystems (metadata, resync)
+/// can share the disk with client requests.
+const TAG_ORIGIN_SHIFT: u32 = 56;
+const TAG_ORIGIN_CLIENT: u64 = 0;
+
+/// One tandem node.
+#[derive(Debug)]
+pub struct Node {
+    settings: NodeSettings,
+    role: Role,
+    disk: DiskState,
+    server: Server,
+    started_at: Instant,
+    now: Instant,
+}
+
+impl Node {
+    /// A standalone node serving a volume of `settings.volume_bytes`.
+    pub fn new_standalone(settings: NodeSettings, now: Instant) -> Node {
+        let export = ExportInfo {
+            size_bytes: settings.volume_bytes,
+            is_serving: true,
+        };
+        Node {
+            settings,
+            role: Role::Standalone,
+            disk: DiskState::UpToDate,
+            server: Server::new(export),
+            started_at: now,
+            now,
+        }
+    }
+
+    // ---- getters -------------------------------------------------------------------------
+
+    /// The node's status now.
+    pub fn status(&self) -> Status {
+        Status {
+            node: self.settings.name.clone(),
+            role: self.role,
+            disk: self.disk,
+            peer: PeerState::None,
+            links: LinkStates {
+                heartbeat: "none",
+                lan: "none",
+            },
+            uplink: "unknown",
+            epoch: 0,
+            auto_failover: false,
+            ready_for_failover: false,
+            not_ready_reasons: vec!["no peer configured (standalone node)".to_string()],
+            warnings: Vec::new(),
+            sync: SyncProgress::default(),
+            volume_bytes: self.settings.volume_bytes,
+            backing: self.settings.backing.clone(),
+            uptime_s: self.now.millis_since(self.started_at) / 1000,
+            clients: self.server.session_count(),
+            requests_in_flight: self.server.in_flight_count(),
+            io: self.server.counters(),
+        }
+    }
+
+    /// The earliest instant at which `handle_timeout` should run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.server.poll_timeout()
+    }
+
+    /// Requests in flight (the runtime waits for zero before a clean exit).
+    pub fn in_flight_count(&self) -> usize {
+        self.server.in_flight_count()
+    }
+
+    // ---- inputs --------------------------------------------------------------------------
+
+    /// Time passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        self.server.handle_timeout(now);
+    }
+
+    /// A client connected; `None` means close it at once (every slot is taken).
+    pub fn handle_client_connected(&mut self, now: Instant) -> Option<ConnId> {
+        self.now = now;
+        self.server.handle_connected(now)
+    }
+
+    /// Bytes from a client; returns how many were consumed (see [`Server::handle_bytes`]).
+    pub fn handle_client_bytes(&mut self, conn: ConnId, bytes: &[u8]) -> usize {
+        self.server.handle_bytes(conn, bytes)
+    }
+
+    /// A client's socket closed.
+    pub fn handle_client_closed(&mut self, conn: ConnId) {
+        self.server.handle_closed(conn);
+    }
+
+    /// A disk request finished.
+    pub fn handle_disk_completion(&mut self, completion: DiskCompletion) {
+        let origin = completion.tag >> TAG_ORIGIN_SHIFT;
+        assert_eq!(
+            origin, TAG_ORIGIN_CLIENT,
+            "disk completion of unknown origin"
+        );
+        let tag = completion.tag & ((1 << TAG_ORIGIN_SHIFT) - 1);
+        let done = match completion.result {
+            Ok(DiskDone::Buf(buf)) => VolumeDone::Buf(buf),
+            Ok(DiskDone::Done) => VolumeDone::Done,
+            Ok(DiskDone::Extents(extents)) => VolumeDone::Extents(extents),
+            Err(e) => {
+                log::error!("disk: request failed (error={e})");
+                let error = if e.is_no_space() {
+                    errno::ENOSPC
+                } else {
+                    errno::EIO
+                };
+                VolumeDone::Failed {
+                    error,
+                    buf: completion.buf,
+                }
+            }
+        };
+        self.server.handle_volume_done(tag, done);
+    }
+
+    /// A console or control command (one line). `json` asks for JSON where a command has it.
+    pub fn handle_command(&mut self, line: &str, json: bool) -> CommandReply {
+        match console::parse(line) {
+            Ok(Command::Status) if json => match serde_json::to_string_pretty(&self.status()) {
+                Ok(text) => CommandReply { ok: true, text },
+                Err(e) => CommandReply {
+                    ok: false,
+                    text: format!("status: cannot encode: {e}"),
+                },
+            },
+            Ok(Command::Status) => CommandReply {
+                ok: true,
+                text: console::render_status(&self.status()),
+            },
+            Ok(Command::Help) => CommandReply {
+                ok: true,
+                text: console::help_text().to_string(),
+            },
+            Ok(command) => CommandReply {
+                ok: false,
+                text: format!(
+                    "{}: not available on a standalone node (no [peer] configured)",
+                    command.name()
+                ),
+            },
+            Err(CommandError::Empty) => CommandReply {
+                ok: true,
+                text: String::new(),
+            },
+            Err(e) => CommandReply {
+                ok: false,
+                text: e.to_string(),
+            },
+        }
+    }
+
+    // ---- commands and outputs ------------------------------------------------------------
+
+    /// Gives back a buffer from an [`Output::Send`].
+    pub fn recycle(&mut self, buf: IoBuf) {
+        self.server.recycle(buf);
+    }
+
+    /// The next thing for the runtime to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        let output = self.server.poll_output()?;
+        Some(match output {
+            ServerOutput::Send { conn, head, data } => Output::Send { conn, head, data },
+            ServerOutput::Close { conn } => Output::Close { conn },
+            ServerOutput::Volume { tag, request } => {
+                let tag = (TAG_ORIGIN_CLIENT << TAG_ORIGIN_SHIFT) | tag;
+                let request = match request {
+                    VolumeRequest::Read { offset, buf } => DiskRequest::Read { offset, buf },
+                    VolumeRequest::Write { offset, buf, fua } => {
+                        DiskRequest::Write { offset, buf, fua }
+                    }
+                    VolumeRequest::Flush => DiskRequest::Flush,
+                    VolumeRequest::Trim { offset, len, fua } => {
+                        DiskRequest::Discard { offset, len, fua }
+                    }
+                    VolumeRequest::WriteZeroes {
+                        offset,
+                        len,
+                        may_deallocate,
+                        fua,
+                    } => DiskRequest::WriteZeroes {
+                        offset,
+                        len,
+                        may_deallocate,
+                        fua,
+                    },
+                    VolumeRequest::MapExtents { offset, len } => {
+                        DiskRequest::MapExtents { offset, len }
+                    }
+                };
+                Output::Disk { tag, request }
+            }
+        })
+    }
+}

@@ -1,0 +1,901 @@
+//! The runtime: one single-threaded event loop that owns every socket and the disk, feeds the
+//! node its inputs and carries out its outputs.
+//!
+//! Each turn of the loop waits on epoll (until the node's next timeout at the latest), then:
+//! accepts clients, reads client bytes into per-client buffers and offers them to the node,
+//! reaps disk completions, answers control commands, and finally drains the node's outputs
+//! (replies queued per client and written with writev; disk requests pushed to the ring and
+//! submitted once per turn). A client whose bytes the node could not take (back-pressure) is
+//! offered them again after disk completions; its socket is not read meanwhile.
+
+pub mod volume;
+
+use crate::config::Config;
+use crate::constants::{
+    CLIENT_READ_BUFFER_BYTES, CONTROL_CLIENT_TIMEOUT_MS, CONTROL_CONNECTION_COUNT_MAX,
+    CONTROL_LINE_BYTES_MAX, NBD_CONNECTION_COUNT_MAX, NBD_REFUSED_CONNECTION_COUNT_MAX,
+};
+use crate::metadata::flags;
+use crate::nbd::{ConnId, Head};
+use crate::node::{Node, NodeSettings, Output};
+use crate::time::Instant;
+use rustix::event::epoll;
+use std::collections::VecDeque;
+use std::io::{IoSlice, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use tandem_board::{IoBuf, LinuxDisk, TerminationSignals};
+
+/// Why `tandem run` could not start; each maps to an exit status (INTERFACE.md).
+#[derive(Debug)]
+pub enum StartError {
+    /// The backing device is missing or refused (exit 66).
+    Backing(String),
+    /// A socket path or address is in use by a live process (exit 73).
+    SocketInUse(String),
+    /// Anything else the machine refused (exit 70).
+    Internal(String),
+}
+
+impl StartError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Backing(_) => crate::exit::BACKING,
+            StartError::SocketInUse(_) => crate::exit::CANT_CREATE,
+            StartError::Internal(_) => crate::exit::INTERNAL,
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Backing(m) | StartError::SocketInUse(m) | StartError::Internal(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+const TOKEN_SIGNAL: u64 = 1;
+const TOKEN_DISK: u64 = 2;
+const TOKEN_NBD_UNIX: u64 = 3;
+const TOKEN_NBD_TCP: u64 = 4;
+const TOKEN_CONTROL: u64 = 5;
+const TOKEN_CLIENT: u64 = 1 << 32;
+const TOKEN_CONTROL_CLIENT: u64 = 2 << 32;
+const TOKEN_KIND_MASK: u64 = !0xffff_ffff;
+
+/// A client's socket: unix or TCP.
+#[derive(Debug)]
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+}
+
+/// One reply (or handshake message) waiting to be written.
+#[derive(Debug)]
+struct Pending {
+    head: Head,
+    data: Option<IoBuf>,
+    /// Bytes of head + data already written.
+    sent: usize,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.head.as_slice().len() + self.data.as_ref().map_or(0, |d| d.len())
+    }
+}
+
+#[derive(Debug)]
+struct Client {
+    conn: ConnId,
+    stream: Stream,
+    inbuf: Vec<u8>,
+    in_start: usize,
+    in_end: usize,
+    outq: VecDeque<Pending>,
+    /// The socket may have more bytes (edge-triggered epoll: read until EAGAIN).
+    readable: bool,
+    /// The node asked for a close once the queue drains.
+    closing: bool,
+}
+
+#[derive(Debug)]
+struct ControlClient {
+    stream: UnixStream,
+    line: Vec<u8>,
+    deadline: Instant,
+}
+
+/// The clock the runtime reads: CLOCK_MONOTONIC in milliseconds.
+fn now() -> Instant {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let ms = (ts.tv_sec as u64).saturating_mul(1000) + (ts.tv_nsec as u64) / 1_000_000;
+    Instant::from_millis(ms)
+}
+
+/// 16 random bytes from the kernel.
+fn random_id() -> Result<[u8; 16], StartError> {
+    let mut id = [0u8; 16];
+    let mut filled = 0;
+    while filled < id.len() {
+        match rustix::rand::getrandom(&mut id[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                return Err(StartError::Internal(format!(
+                    "cannot draw random bytes: {e}"
+                )))
+            }
+        }
+    }
+    Ok(id)
+}
+
+/// Opens the backing device named in `config`.
+pub fn open_disk(config: &Config) -> Result<LinuxDisk, StartError> {
+    let path = &config.volume.backing;
+    let probe = LinuxDisk::open(path, false)
+        .map_err(|e| StartError::Backing(format!("backing device {}: {e}", path.display())))?;
+    let direct_io = config.volume.direct_io.unwrap_or(probe.is_block_device());
+    drop(probe);
+    LinuxDisk::open(path, direct_io)
+        .map_err(|e| StartError::Backing(format!("backing device {}: {e}", path.display())))
+}
+
+/// `tandem init`: writes fresh metadata on the backing device.
+pub fn init(config: &Config, force: bool) -> Result<volume::OpenVolume, StartError> {
+    let disk = open_disk(config)?;
+    let id = random_id()?;
+    volume::init(&disk, id, &config.node.name, force).map_err(|e| {
+        StartError::Backing(format!(
+            "backing device {}: {e}",
+            config.volume.backing.display()
+        ))
+    })
+}
+
+/// Binds a unix listener at `path`. A socket file left by a dead process is replaced; one that
+/// a live process answers on is not.
+fn bind_unix(path: &Path, what: &str) -> Result<UnixListener, StartError> {
+    if let Some(dir) = path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StartError::Internal(format!(
+                    "{what} {}: cannot create its directory: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(StartError::SocketInUse(format!(
+                "{what} {} is in use by another running process",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| {
+            StartError::Internal(format!(
+                "{what} {}: cannot remove the stale socket: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        StartError::Internal(format!("{what} {}: cannot listen: {e}", path.display()))
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        StartError::Internal(format!(
+            "{what} {}: cannot set its mode: {e}",
+            path.display()
+        ))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| StartError::Internal(format!("{what}: {e}")))?;
+    Ok(listener)
+}
+
+/// The running node and everything it owns.
+#[derive(Debug)]
+pub struct Runtime {
+    node: Node,
+    disk: LinuxDisk,
+    epoll: rustix::fd::OwnedFd,
+    signals: TerminationSignals,
+    nbd_unix: UnixListener,
+    nbd_unix_path: PathBuf,
+    nbd_tcp: Option<TcpListener>,
+    control: UnixListener,
+    control_path: PathBuf,
+    clients: Vec<Option<Client>>,
+    controls: Vec<Option<ControlClient>>,
+    /// Clients with replies queued since the last flush.
+    dirty: Vec<usize>,
+    /// Clients whose bytes the node could not take yet.
+    blocked: Vec<usize>,
+    volume: volume::OpenVolume,
+}
+
+impl Runtime {
+    /// Opens the disk and every socket of a standalone node. Nothing is left half-started: on
+    /// error every socket bound so far is closed and removed.
+    pub fn start(config: &Config) -> Result<Runtime, StartError> {
+        let signals = TerminationSignals::install()
+            .map_err(|e| StartError::Internal(format!("cannot watch for signals: {e}")))?;
+        let disk = open_disk(config)?;
+        let id = random_id()?;
+        let mut volume = volume::open(&disk, id, &config.node.name).map_err(|e| {
+            StartError::Backing(format!(
+                "backing device {}: {e}",
+                config.volume.backing.display()
+            ))
+        })?;
+        if volume.initialized {
+            log::info!(
+                "volume initialized (backing={} volume_bytes={})",
+                config.volume.backing.display(),
+                volume.layout.volume_bytes
+            );
+        } else if !volume.superblock.has_flag(flags::CLEAN_SHUTDOWN) {
+            log::warn!("volume was not shut down cleanly last time (unflushed writes may be lost, as with any disk)");
+        }
+        std::fs::create_dir_all(&config.node.state_dir).map_err(|e| {
+            StartError::Internal(format!(
+                "state_dir {}: {e}",
+                config.node.state_dir.display()
+            ))
+        })?;
+        let nbd_unix = bind_unix(&config.volume.nbd_socket, "nbd_socket")?;
+        let control = match bind_unix(&config.console.control_socket, "control_socket") {
+            Ok(control) => control,
+            Err(e) => {
+                let _ = std::fs::remove_file(&config.volume.nbd_socket);
+                return Err(e);
+            }
+        };
+        let cleanup = || {
+            let _ = std::fs::remove_file(&config.volume.nbd_socket);
+            let _ = std::fs::remove_file(&config.console.control_socket);
+        };
+        let nbd_tcp = match config.volume.nbd_listen {
+            None => None,
+            Some(addr) => match TcpListener::bind(addr) {
+                Ok(listener) => {
+                    let _ = listener.set_nonblocking(true);
+                    Some(listener)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    cleanup();
+                    return Err(StartError::SocketInUse(format!(
+                        "nbd_listen {addr} is in use"
+                    )));
+                }
+                Err(e) => {
+                    cleanup();
+                    return Err(StartError::Internal(format!("nbd_listen {addr}: {e}")));
+                }
+            },
+        };
+        // The volume is now open: until a clean exit says otherwise, it is not clean.
+        volume.superblock.flags &= !flags::CLEAN_SHUTDOWN;
+        volume.superblock.sequence += 1;
+        if let Err(e) = volume::write_superblock(&disk, &volume.layout, &volume.superblock) {
+            cleanup();
+            return Err(StartError::Backing(format!("cannot write metadata: {e}")));
+        }
+        let settings = NodeSettings {
+            name: config.node.name.clone(),
+            backing: config.volume.backing.display().to_string(),
+            volume_bytes: volume.layout.volume_bytes,
+        };
+        let node = Node::new_standalone(settings, now());
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
+            .map_err(|e| StartError::Internal(format!("epoll: {e}")))?;
+        let runtime = Runtime {
+            node,
+            disk,
+            epoll,
+            signals,
+            nbd_unix,
+            nbd_unix_path: config.volume.nbd_socket.clone(),
+            nbd_tcp,
+            control,
+            control_path: config.console.control_socket.clone(),
+            clients: (0..NBD_CONNECTION_COUNT_MAX + NBD_REFUSED_CONNECTION_COUNT_MAX)
+                .map(|_| None)
+                .collect(),
+            controls: (0..CONTROL_CONNECTION_COUNT_MAX).map(|_| None).collect(),
+            dirty: Vec::new(),
+            blocked: Vec::new(),
+            volume,
+        };
+        if let Err(e) = runtime.register_all() {
+            runtime.remove_sockets();
+            return Err(StartError::Internal(format!("epoll: {e}")));
+        }
+        log::info!(
+            "serving volume (node={} role=standalone volume_bytes={} nbd_socket={})",
+            config.node.name,
+            runtime.volume.layout.volume_bytes,
+            config.volume.nbd_socket.display()
+        );
+        Ok(runtime)
+    }
+
+    fn register_all(&self) -> rustix::io::Result<()> {
+        let level = epoll::EventFlags::IN;
+        epoll::add(
+            &self.epoll,
+            self.signals.as_fd(),
+            epoll::EventData::new_u64(TOKEN_SIGNAL),
+            level,
+        )?;
+        epoll::add(
+            &self.epoll,
+            self.disk.poll_fd(),
+            epoll::EventData::new_u64(TOKEN_DISK),
+            level,
+        )?;
+        epoll::add(
+            &self.epoll,
+            &self.nbd_unix,
+            epoll::EventData::new_u64(TOKEN_NBD_UNIX),
+            level,
+        )?;
+        epoll::add(
+            &self.epoll,
+            &self.control,
+            epoll::EventData::new_u64(TOKEN_CONTROL),
+            level,
+        )?;
+        if let Some(tcp) = &self.nbd_tcp {
+            epoll::add(
+                &self.epoll,
+                tcp,
+                epoll::EventData::new_u64(TOKEN_NBD_TCP),
+                level,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn remove_sockets(&self) {
+        let _ = std::fs::remove_file(&self.nbd_unix_path);
+        let _ = std::fs::remove_file(&self.control_path);
+    }
+
+    /// Runs until SIGTERM or SIGINT, then shuts down cleanly: stops accepting, lets requests in
+    /// flight finish, flushes the disk and marks the metadata clean.
+    pub fn run(mut self) -> Result<(), StartError> {
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
+        loop {
+            let timeout = self.next_timeout();
+            events.clear();
+            let ts = timeout.map(|ms| rustix::time::Timespec {
+                tv_sec: (ms / 1000) as i64,
+                tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+            });
+            match epoll::wait(
+                &self.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                ts.as_ref(),
+            ) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(StartError::Internal(format!("epoll_wait: {e}"))),
+            }
+            let mut terminate = false;
+            for event in events.iter() {
+                let (flags, data) = (event.flags, event.data);
+                let token = data.u64();
+                match token & TOKEN_KIND_MASK {
+                    TOKEN_CLIENT => {
+                        let slot = (token & 0xffff_ffff) as usize;
+                        if flags.contains(epoll::EventFlags::IN)
+                            || flags.contains(epoll::EventFlags::HUP)
+                            || flags.contains(epoll::EventFlags::ERR)
+                        {
+                            if let Some(client) = self.clients[slot].as_mut() {
+                                client.readable = true;
+                            }
+                            self.read_client(slot);
+                        }
+                        if flags.contains(epoll::EventFlags::OUT) {
+                            self.dirty.push(slot);
+                        }
+                    }
+                    TOKEN_CONTROL_CLIENT => self.read_control((token & 0xffff_ffff) as usize),
+                    _ => match token {
+                        TOKEN_SIGNAL => {
+                            while let Some(signo) = self.signals.take() {
+                                log::info!("received signal {signo}, shutting down");
+                                terminate = true;
+                            }
+                        }
+                        TOKEN_DISK => self.reap_disk(),
+                        TOKEN_NBD_UNIX => self.accept_unix(),
+                        TOKEN_NBD_TCP => self.accept_tcp(),
+                        TOKEN_CONTROL => self.accept_control(),
+                        _ => log::error!("epoll: unknown token {token}"),
+                    },
+                }
+            }
+            let now = now();
+            if self.node.poll_timeout().is_some_and(|t| t <= now) {
+                self.node.handle_timeout(now);
+            }
+            self.expire_controls(now);
+            self.drain_outputs();
+            if terminate {
+                return self.shutdown();
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> Option<u64> {
+        let now = now();
+        let node = self.node.poll_timeout();
+        let control = self.controls.iter().flatten().map(|c| c.deadline).min();
+        let next = match (node, control) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }?;
+        Some(next.millis_since(now))
+    }
+
+    fn accept_unix(&mut self) {
+        loop {
+            match self.nbd_unix.accept() {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nonblocking(true);
+                    self.add_client(Stream::Unix(stream));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("nbd: accept failed (error={e})");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accept_tcp(&mut self) {
+        loop {
+            let accepted = match &self.nbd_tcp {
+                Some(listener) => listener.accept(),
+                None => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nonblocking(true);
+                    let _ = stream.set_nodelay(true);
+                    self.add_client(Stream::Tcp(stream));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("nbd: accept failed (error={e})");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add_client(&mut self, stream: Stream) {
+        let Some(conn) = self.node.handle_client_connected(now()) else {
+            log::warn!("nbd: every connection slot is taken, closing a new client at once");
+            return;
+        };
+        let slot = conn.slot as usize;
+        assert!(
+            self.clients[slot].is_none(),
+            "the node reused a slot the runtime still holds"
+        );
+        let flags = epoll::EventFlags::IN
+            | epoll::EventFlags::OUT
+            | epoll::EventFlags::ET
+            | epoll::EventFlags::RDHUP;
+        let token = epoll::EventData::new_u64(TOKEN_CLIENT | slot as u64);
+        if let Err(e) = epoll::add(&self.epoll, stream.fd(), token, flags) {
+            log::error!("epoll: cannot watch a client (error={e})");
+            self.node.handle_client_closed(conn);
+            return;
+        }
+        self.clients[slot] = Some(Client {
+            conn,
+            stream,
+            inbuf: vec![0u8; CLIENT_READ_BUFFER_BYTES],
+            in_start: 0,
+            in_end: 0,
+            outq: VecDeque::new(),
+            readable: true,
+            closing: false,
+        });
+    }
+
+    /// Offers a client's buffered bytes to the node and reads more while it takes them.
+    fn read_client(&mut self, slot: usize) {
+        loop {
+            let Some(client) = self.clients[slot].as_mut() else {
+                return;
+            };
+            if client.in_start < client.in_end {
+                let conn = client.conn;
+                let taken = self
+                    .node
+                    .handle_client_bytes(conn, &client.inbuf[client.in_start..client.in_end]);
+                client.in_start += taken;
+                if client.in_start == client.in_end {
+                    client.in_start = 0;
+                    client.in_end = 0;
+                } else {
+                    // The node took only part: it waits for requests in flight to finish.
+                    if !self.blocked.contains(&slot) {
+                        self.blocked.push(slot);
+                    }
+                    return;
+                }
+            }
+            let Some(client) = self.clients[slot].as_mut() else {
+                return;
+            };
+            if !client.readable || client.closing {
+                return;
+            }
+            if client.in_end == client.inbuf.len() {
+                if client.in_start == 0 {
+                    // Full of bytes the node cannot take yet.
+                    if !self.blocked.contains(&slot) {
+                        self.blocked.push(slot);
+                    }
+                    return;
+                }
+                client.inbuf.copy_within(client.in_start..client.in_end, 0);
+                client.in_end -= client.in_start;
+                client.in_start = 0;
+            }
+            let end = client.in_end;
+            match client.stream.read(&mut client.inbuf[end..]) {
+                Ok(0) => {
+                    self.drop_client(slot);
+                    return;
+                }
+                Ok(n) => client.in_end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    client.readable = false;
+                    if client.in_start == client.in_end {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.drop_client(slot);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drop_client(&mut self, slot: usize) {
+        let Some(mut client) = self.clients[slot].take() else {
+            return;
+        };
+        let _ = epoll::delete(&self.epoll, client.stream.fd());
+        for pending in client.outq.drain(..) {
+            if let Some(data) = pending.data {
+                self.node.recycle(data);
+            }
+        }
+        self.node.handle_client_closed(client.conn);
+    }
+
+    fn reap_disk(&mut self) {
+        let mut reaped = false;
+        while let Some(completion) = self.disk.poll_completion() {
+            self.node.handle_disk_completion(completion);
+            reaped = true;
+        }
+        if reaped && !self.blocked.is_empty() {
+            self.drain_outputs();
+            let blocked = std::mem::take(&mut self.blocked);
+            for slot in blocked {
+                self.read_client(slot);
+            }
+        }
+    }
+
+    fn drain_outputs(&mut self) {
+        loop {
+            while let Some(output) = self.node.poll_output() {
+                match output {
+                    Output::Send { conn, head, data } => {
+                        let slot = conn.slot as usize;
+                        match self.clients[slot].as_mut() {
+                            Some(client) if client.conn == conn => {
+                                client.outq.push_back(Pending {
+                                    head,
+                                    data,
+                                    sent: 0,
+                                });
+                                self.dirty.push(slot);
+                            }
+                            _ => {
+                                if let Some(data) = data {
+                                    self.node.recycle(data);
+                                }
+                            }
+                        }
+                    }
+                    Output::Close { conn } => {
+                        let slot = conn.slot as usize;
+                        if let Some(client) = self.clients[slot].as_mut() {
+                            if client.conn == conn {
+                                client.closing = true;
+                                self.dirty.push(slot);
+                            }
+                        }
+                    }
+                    Output::Disk { tag, request } => self.disk.push(tag, request),
+                }
+            }
+            if let Err(e) = self.disk.submit() {
+                log::error!("disk: io_uring submit failed (error={e})");
+            }
+            // Disk requests that completed inline (page-cache hits) are answered in this turn.
+            let mut reaped = false;
+            while let Some(completion) = self.disk.poll_completion() {
+                self.node.handle_disk_completion(completion);
+                reaped = true;
+            }
+            if !reaped {
+                break;
+            }
+        }
+        let dirty = std::mem::take(&mut self.dirty);
+        for slot in dirty {
+            self.flush_client(slot);
+        }
+    }
+
+    /// Writes as much of a client's queue as its socket takes.
+    fn flush_client(&mut self, slot: usize) {
+        let mut broken = false;
+        let mut sent_buffers: heapless::Vec<IoBuf, 64> = heapless::Vec::new();
+        let Some(client) = self.clients[slot].as_mut() else {
+            return;
+        };
+        while !client.outq.is_empty() && !broken {
+            let result = {
+                let mut slices: heapless::Vec<IoSlice<'_>, 64> = heapless::Vec::new();
+                for pending in client.outq.iter() {
+                    let head = pending.head.as_slice();
+                    let data = pending.data.as_deref().unwrap_or(&[]);
+                    let (head_rest, data_rest) = if pending.sent < head.len() {
+                        (&head[pending.sent..], data)
+                    } else {
+                        (&head[..0], &data[pending.sent - head.len()..])
+                    };
+                    if slices.len() + 2 > slices.capacity() {
+                        break;
+                    }
+                    for part in [head_rest, data_rest] {
+                        if !part.is_empty() {
+                            let _ = slices.push(IoSlice::new(part));
+                        }
+                    }
+                }
+                client.stream.write_vectored(&slices)
+            };
+            let written = match result {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            };
+            let mut left = written;
+            while left > 0 {
+                let Some(front) = client.outq.front_mut() else {
+                    break;
+                };
+                let remaining = front.len() - front.sent;
+                if left >= remaining {
+                    left -= remaining;
+                    if let Some(Pending {
+                        data: Some(data), ..
+                    }) = client.outq.pop_front()
+                    {
+                        if let Err(data) = sent_buffers.push(data) {
+                            self.node.recycle(data);
+                        }
+                    }
+                } else {
+                    front.sent += left;
+                    left = 0;
+                }
+            }
+        }
+        let finished = client.closing && client.outq.is_empty();
+        for data in sent_buffers {
+            self.node.recycle(data);
+        }
+        if broken || finished {
+            self.drop_client(slot);
+        }
+    }
+
+    fn accept_control(&mut self) {
+        loop {
+            match self.control.accept() {
+                Ok((stream, _)) => {
+                    let Some(index) = self.controls.iter().position(Option::is_none) else {
+                        let mut stream = stream;
+                        let _ = stream.write_all(b"error control socket busy, try again\n");
+                        continue;
+                    };
+                    let _ = stream.set_nonblocking(true);
+                    let token = epoll::EventData::new_u64(TOKEN_CONTROL_CLIENT | index as u64);
+                    if epoll::add(&self.epoll, &stream, token, epoll::EventFlags::IN).is_err() {
+                        continue;
+                    }
+                    let deadline = now().plus_millis(CONTROL_CLIENT_TIMEOUT_MS);
+                    self.controls[index] = Some(ControlClient {
+                        stream,
+                        line: Vec::new(),
+                        deadline,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("control: accept failed (error={e})");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads a control command; the protocol is one request line (`[--json] COMMAND...`) and a
+    /// reply that starts with `ok` or `error` on its own line.
+    fn read_control(&mut self, index: usize) {
+        let Some(control) = self.controls[index].as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 1024];
+        loop {
+            match control.stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    control.line.extend_from_slice(&buf[..n]);
+                    if control.line.contains(&b'\n') {
+                        break;
+                    }
+                    if control.line.len() > CONTROL_LINE_BYTES_MAX {
+                        self.finish_control(index, false, "command line too long");
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.close_control(index);
+                    return;
+                }
+            }
+        }
+        let Some(control) = self.controls[index].as_mut() else {
+            return;
+        };
+        let end = control
+            .line
+            .iter()
+            .position(|b| *b == b'\n')
+            .unwrap_or(control.line.len());
+        let Ok(line) = std::str::from_utf8(&control.line[..end]) else {
+            self.finish_control(index, false, "command is not UTF-8");
+            return;
+        };
+        let line = line.trim().to_string();
+        let (json, command) = match line.strip_prefix("--json") {
+            Some(rest) if rest.is_empty() || rest.starts_with(' ') => {
+                (true, rest.trim().to_string())
+            }
+            _ => (false, line),
+        };
+        let reply = self.node.handle_command(&command, json);
+        self.finish_control(index, reply.ok, &reply.text);
+    }
+
+    fn finish_control(&mut self, index: usize, ok: bool, text: &str) {
+        if let Some(control) = self.controls[index].as_mut() {
+            // The reply is small; a client that does not read it loses it rather than stall us.
+            let _ = control.stream.set_nonblocking(false);
+            let _ = control
+                .stream
+                .set_write_timeout(Some(std::time::Duration::from_millis(200)));
+            let status = if ok { "ok" } else { "error" };
+            let _ = control
+                .stream
+                .write_all(format!("{status}\n{text}\n").as_bytes());
+        }
+        self.close_control(index);
+    }
+
+    fn close_control(&mut self, index: usize) {
+        if let Some(control) = self.controls[index].take() {
+            let _ = epoll::delete(&self.epoll, &control.stream);
+        }
+    }
+
+    fn expire_controls(&mut self, now: Instant) {
+        for index in 0..self.controls.len() {
+            if matches!(&self.controls[index], Some(c) if c.deadline <= now) {
+                self.finish_control(index, false, "timed out waiting for a command line");
+            }
+        }
+    }
+
+    fn shutdown(mut self) -> Result<(), StartError> {
+        let _ = epoll::delete(&self.epoll, &self.nbd_unix);
+        if let Some(tcp) = &self.nbd_tcp {
+            let _ = epoll::delete(&self.epoll, tcp);
+        }
+        self.remove_sockets();
+        // Requests already handed to the disk finish; their clients are told, then dropped.
+        let deadline = now().plus_millis(10_000);
+        while self.disk.in_flight() > 0 && now() < deadline {
+            let _ = rustix::event::poll(
+                &mut [rustix::event::PollFd::new(
+                    &self.disk.poll_fd(),
+                    rustix::event::PollFlags::IN,
+                )],
+                Some(&rustix::time::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                }),
+            );
+            self.reap_disk();
+            self.drain_outputs();
+        }
+        for slot in 0..self.clients.len() {
+            self.drop_client(slot);
+        }
+        self.volume.superblock.flags |= flags::CLEAN_SHUTDOWN;
+        self.volume.superblock.sequence += 1;
+        volume::write_superblock(&self.disk, &self.volume.layout, &self.volume.superblock)
+            .map_err(|e| StartError::Internal(format!("cannot mark the volume clean: {e}")))?;
+        log::info!("stopped cleanly");
+        Ok(())
+    }
+}

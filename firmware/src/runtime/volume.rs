@@ -1,0 +1,161 @@
+//! Opening the backing device at start-up: find its tandem metadata, or initialize a blank
+//! device, or refuse one that carries somebody else's data.
+
+use crate::metadata::{self, flags, Layout, Superblock, SUPERBLOCK_BYTES};
+use tandem_board::LinuxDisk;
+
+/// The volume found (or made) on a backing device.
+#[derive(Debug)]
+pub struct OpenVolume {
+    /// Where everything lives.
+    pub layout: Layout,
+    /// The current superblock.
+    pub superblock: Superblock,
+    /// True when this run initialized the device.
+    pub initialized: bool,
+}
+
+/// Why a backing device cannot be used. Each reads as one line for the operator.
+#[derive(Debug)]
+pub enum VolumeError {
+    /// Too small for the metadata and a minimum volume.
+    Layout(metadata::LayoutError),
+    /// It carries a foreign signature and no tandem metadata.
+    Foreign(&'static str),
+    /// tandem metadata exists but does not fit this device (it was resized).
+    Mismatch(metadata::LayoutMismatch),
+    /// `init` without `--force` on a device that is already a tandem volume.
+    AlreadyInitialized,
+    /// Reading or writing the device failed.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for VolumeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VolumeError::Layout(e) => write!(f, "{e}"),
+            VolumeError::Foreign(what) => write!(
+                f,
+                "it carries a foreign signature ({what}) and no tandem metadata; refusing to \
+                 overwrite it (run 'tandem init --config FILE --force' to initialize it anyway)"
+            ),
+            VolumeError::Mismatch(e) => write!(f, "its tandem metadata does not fit it: {e}"),
+            VolumeError::AlreadyInitialized => write!(
+                f,
+                "it already holds a tandem volume (add --force to re-initialize it: the volume \
+                 identity changes and a peer will resync it in full)"
+            ),
+            VolumeError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn read_superblocks(
+    disk: &LinuxDisk,
+    layout: &Layout,
+) -> [Result<Superblock, metadata::SuperblockDecodeError>; 2] {
+    layout.superblock_offsets.map(|offset| {
+        let mut bytes = vec![0u8; SUPERBLOCK_BYTES];
+        match disk.read_at_sync(offset, &mut bytes) {
+            Ok(()) => Superblock::decode(&bytes),
+            Err(_) => Err(metadata::SuperblockDecodeError::Short),
+        }
+    })
+}
+
+/// Writes both superblock copies, one after the other, each made durable before the next, so
+/// that a crash leaves at least one whole copy.
+pub fn write_superblock(
+    disk: &LinuxDisk,
+    layout: &Layout,
+    superblock: &Superblock,
+) -> std::io::Result<()> {
+    let mut bytes = [0u8; SUPERBLOCK_BYTES];
+    superblock.encode(&mut bytes);
+    for offset in layout.superblock_offsets {
+        disk.write_at_sync(offset, &bytes)?;
+    }
+    Ok(())
+}
+
+/// Reads the first and last bytes of the device for a foreign signature.
+fn scan_signature(disk: &LinuxDisk) -> Result<Option<&'static str>, VolumeError> {
+    let size = disk.size_bytes();
+    let head_len = (metadata::SIGNATURE_HEAD_BYTES as u64).min(size) as usize;
+    let tail_len = (metadata::SIGNATURE_TAIL_BYTES as u64).min(size) as usize;
+    let mut head = vec![0u8; head_len];
+    let mut tail = vec![0u8; tail_len];
+    disk.read_at_sync(0, &mut head).map_err(VolumeError::Io)?;
+    disk.read_at_sync(size - tail_len as u64, &mut tail)
+        .map_err(VolumeError::Io)?;
+    Ok(metadata::foreign_signature(&head, &tail, size))
+}
+
+/// Opens the volume on `disk`: loads its metadata (repairing a damaged copy), or initializes a
+/// blank device with `volume_id`. `force` initializes over a foreign signature.
+pub fn open(
+    disk: &LinuxDisk,
+    volume_id: [u8; 16],
+    node_name: &str,
+) -> Result<OpenVolume, VolumeError> {
+    let layout = Layout::for_backing(disk.size_bytes()).map_err(VolumeError::Layout)?;
+    if let Some((superblock, needs_repair)) =
+        metadata::choose_superblock(read_superblocks(disk, &layout))
+    {
+        superblock
+            .check_layout(&layout)
+            .map_err(VolumeError::Mismatch)?;
+        if needs_repair {
+            log::warn!("volume: one superblock copy was damaged or stale; rewriting both");
+            write_superblock(disk, &layout, &superblock).map_err(VolumeError::Io)?;
+        }
+        return Ok(OpenVolume {
+            layout,
+            superblock,
+            initialized: false,
+        });
+    }
+    if let Some(what) = scan_signature(disk)? {
+        return Err(VolumeError::Foreign(what));
+    }
+    initialize(disk, layout, volume_id, node_name)
+}
+
+/// `tandem init`: writes fresh metadata. Refuses a device that is already a tandem volume or
+/// carries a foreign signature unless `force`.
+pub fn init(
+    disk: &LinuxDisk,
+    volume_id: [u8; 16],
+    node_name: &str,
+    force: bool,
+) -> Result<OpenVolume, VolumeError> {
+    let layout = Layout::for_backing(disk.size_bytes()).map_err(VolumeError::Layout)?;
+    if !force {
+        if metadata::choose_superblock(read_superblocks(disk, &layout)).is_some() {
+            return Err(VolumeError::AlreadyInitialized);
+        }
+        if let Some(what) = scan_signature(disk)? {
+            return Err(VolumeError::Foreign(what));
+        }
+    }
+    initialize(disk, layout, volume_id, node_name)
+}
+
+fn initialize(
+    disk: &LinuxDisk,
+    layout: Layout,
+    volume_id: [u8; 16],
+    node_name: &str,
+) -> Result<OpenVolume, VolumeError> {
+    let mut superblock = Superblock::new(&layout, volume_id);
+    superblock.node_name.clear();
+    // A name longer than the field was refused by the config check; truncation cannot happen.
+    let _ = superblock.node_name.push_str(node_name);
+    superblock.flags |= flags::CLEAN_SHUTDOWN;
+    write_superblock(disk, &layout, &superblock).map_err(VolumeError::Io)?;
+    Ok(OpenVolume {
+        layout,
+        superblock,
+        initialized: true,
+    })
+}
