@@ -55,7 +55,6 @@ die() { log "error: $*"; exit 1; }
 for tool in qemu-nbd nbdkit nbdcopy nbdinfo fio jq python3 dd file; do
     command -v "$tool" >/dev/null || die "$tool is not installed"
 done
-[[ $(id -u) == 0 ]] || log "warning: not root; /proc/PID/clear_refs (fio-only peak memory) may fail"
 
 mkdir -p "$OUT"
 case $(stat -f -c %T "$OUT") in
@@ -65,7 +64,7 @@ STAMP=$(date +%Y-%m-%dT%H%M%S)
 WORK=$(mktemp -d "$OUT/work.XXXXXX")
 RAW=$WORK/raw.jsonl
 : >"$RAW"
-SERVER_PID="" CLIENT_PID=""
+SERVER_PID="" CLIENT_PID="" REC=""
 
 # run CMD...: runs a client command in the background and waits for it. A foreground child that
 # catches SIGINT itself (fio does) would make bash ignore Ctrl-C; the wait builtin instead returns
@@ -238,7 +237,7 @@ record() {
         k=${kv%%=*} v=${kv#*=}
         if [[ $v =~ ^-?[0-9]+(\.[0-9]+)?$ ]]; then args+=(--argjson "$k" "$v"); else args+=(--arg "$k" "$v"); fi
     done
-    jq -cn "${args[@]}" '$ARGS.named' >>"$RAW"
+    jq -cn "${args[@]}" '$ARGS.named' >>"${REC:-$RAW}"
 }
 
 fio_run() { # fio_run VARIANT RW BS IODEPTH SIZE RUNTIME OUTFILE
@@ -293,7 +292,9 @@ done
 run_one() { # run_one VARIANT SERVER MODE REP POSITION
     # (called in an || list, where set -e does not apply: every step checks its own status)
     local v=$1 server=$2 mode=$3 rep=$4 pos=$5
-    local img=$WORK/$v.img uri t0 t1 size ms hwm_run hwm_fio rss_end pid f
+    local img=$WORK/$v.img uri t0 t1 size ms hwm_seq hwm_fio rss_end pid f
+    REC=$WORK/run.jsonl # this run's records; appended to $RAW only if the whole run succeeds
+    : >"$REC"
     uri=$(uri_of "$v")
     make_image "$img" || return 1
     cat "$SRC" >/dev/null
@@ -301,12 +302,19 @@ run_one() { # run_one VARIANT SERVER MODE REP POSITION
     pid=$SERVER_PID
     size=$(nbdinfo --size "$uri") || { stop_server; return 1; }
     local common=(variant="$v" server="$server" mode="$mode" rep="$rep" position="$pos")
-    fail() { log "  $v: $1 failed"; tail -5 "$WORK/$v.log" | sed 's/^/    /' >&2; stop_server; rm -f "$img"; return 1; }
+    fail() {
+        local keep=$OUT/failed-$STAMP-$v-rep$((rep + 1)).log
+        log "  $v: $1 failed (server log in $keep; its tail:)"
+        stop_server
+        cp "$WORK/$v.log" "$keep"
+        tail -5 "$keep" | sed 's/^/    /' >&2
+        rm -f "$img"
+        REC=""
+    }
 
-    # warm-up: mixed 4 KiB random I/O, then a 1 MiB sequential read of a slice
-    fio_run "$v" randrw 4k 32 "${SIZE_MIB}M" "$WARMUP" "$WORK/warm1.json" || { fail warm-up; return 1; }
-    run fio --name=warm2 --ioengine=nbd --uri="$uri" --rw=read --bs=1M --iodepth=8 \
-        --size="$((SIZE_MIB / 4))M" --output-format=json --output="$WORK/warm2.json" >/dev/null ||
+    # Phase 1, sequential (nbdcopy). Warm-up: 1 MiB sequential writes and reads over a quarter.
+    run fio --name=warmseq --ioengine=nbd --uri="$uri" --rw=rw --bs=1M --iodepth=8 \
+        --size="$((SIZE_MIB / 4))M" --output-format=json --output="$WORK/warmseq.json" >/dev/null ||
         { fail warm-up; return 1; }
     sync
 
@@ -328,9 +336,16 @@ run_one() { # run_one VARIANT SERVER MODE REP POSITION
         value="$(jq -n "$size / 1048576 * 1000 / $ms")"
     sync
 
-    # peak memory so far (start-up, warm-up, nbdcopy); then reset it to measure the fio part alone
-    hwm_run=$(status_kib "$pid" VmHWM)
-    echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true
+    # peak memory of the sequential phase (start-up, warm-up, nbdcopy with 1 MiB requests)
+    hwm_seq=$(status_kib "$pid" VmHWM)
+    stop_server
+
+    # Phase 2, random (fio), on a freshly started server over the same file, so that its VmHWM
+    # is the peak of start-up + warm-up + the fio runs only. Warm-up: mixed 4 KiB random I/O.
+    start_server "$v" "$img" || { fail "restart"; return 1; }
+    pid=$SERVER_PID
+    fio_run "$v" randrw 4k 32 "${SIZE_MIB}M" "$WARMUP" "$WORK/warmrand.json" || { fail warm-up; return 1; }
+    sync
 
     # 3. 4 KiB random writes, qd32
     f=$WORK/$v-$rep-randwrite.json
@@ -347,17 +362,19 @@ run_one() { # run_one VARIANT SERVER MODE REP POSITION
 
     hwm_fio=$(status_kib "$pid" VmHWM)
     rss_end=$(status_kib "$pid" VmRSS)
-    record "${common[@]}" workload=memory vmhwm_run_kib="${hwm_run:-0}" vmhwm_fio_kib="${hwm_fio:-0}" \
+    record "${common[@]}" workload=memory vmhwm_seq_kib="${hwm_seq:-0}" vmhwm_fio_kib="${hwm_fio:-0}" \
         vmrss_end_kib="${rss_end:-0}" export_bytes="$size"
     stop_server
     rm -f "$img"
-    log "  $v rep $rep: $(jq -r --arg v "$v" --argjson r "$rep" \
-        'select(.variant == $v and .rep == $r and .workload != "memory") | "\(.workload) \(.value | floor) \(.unit)"' \
-        "$RAW" | paste -sd, | sed 's/,/, /g'); VmHWM fio ${hwm_fio:-?} KiB"
+    log "  $v rep $((rep + 1)): $(jq -r 'select(.workload != "memory") | "\(.workload) \(.value | floor) \(.unit)"' \
+        "$REC" | paste -sd, | sed 's/,/, /g'); VmHWM seq ${hwm_seq:-?} KiB, fio ${hwm_fio:-?} KiB"
+    cat "$REC" >>"$RAW"
+    REC=""
 }
 
 # ---------------------------------------------------------------------------------------------
 T_START=$(date +%s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "variants: $(for e in "${OK_VARIANTS[@]}"; do printf '%s ' "${e%% *}"; done)"
 log "size ${SIZE_MIB} MiB, backing files ${FILE_MIB} MiB, $REPS reps, fio ${RUNTIME}s, nbdcopy -C $NC -T $NC"
 for mode in pagecache odirect nbdkit-nocache; do
@@ -373,7 +390,17 @@ for mode in pagecache odirect nbdkit-nocache; do
             # rotate: repetition r starts with the r-th variant of the group
             read -r v server m <<<"${group[$(((i + rep) % n))]}"
             log "mode $mode rep $((rep + 1))/$REPS: $v"
-            run_one "$v" "$server" "$mode" "$rep" "$i" || log "  $v rep $rep failed; cell left out"
+            # one retry of a failed run (fresh file, fresh server); both outcomes are recorded
+            if ! run_one "$v" "$server" "$mode" "$rep" "$i"; then
+                REC="" && stop_server
+                record kind=failure variant="$v" rep="$rep" attempt=1
+                log "  $v rep $((rep + 1)) failed; retrying once"
+                if ! run_one "$v" "$server" "$mode" "$rep" "$i"; then
+                    REC="" && stop_server
+                    record kind=failure variant="$v" rep="$rep" attempt=2
+                    log "  $v rep $((rep + 1)) failed again; its cells have one sample fewer"
+                fi
+            fi
         done
     done
 done
@@ -402,6 +429,7 @@ jq -n \
     --argjson quick "$QUICK" --argjson reps "$REPS" --argjson size_mib "$SIZE_MIB" \
     --argjson file_mib "$FILE_MIB" --argjson runtime "$RUNTIME" --argjson warmup "$WARMUP" \
     --argjson conns "$NC" --argjson elapsed "$((T_END - T_START))" \
+    --arg load_start "$LOAD_START" --arg load_end "$(cut -d' ' -f1-3 /proc/loadavg)" \
     --arg command "$( [[ $QUICK == 1 ]] && echo "QUICK=1 bash bench/nbd.sh" || echo "bash bench/nbd.sh")" \
     --arg env "$(env | grep -E '^(SERVERS|MODES|REPS|SIZE_MIB|SLACK_MIB|RUNTIME|WARMUP|CONNS|QEMU_AIO_ODIRECT|TANDEM_BIN)=' | paste -sd' ' || true)" \
     '$ARGS.named' >"$META"
@@ -417,7 +445,8 @@ meta_path, raw_path, md_path, json_path = sys.argv[1:]
 meta = json.load(open(meta_path))
 raw = [json.loads(l) for l in open(raw_path) if l.strip()]
 probes = {r["variant"]: r for r in raw if r.get("kind") == "probe"}
-samples = [r for r in raw if r.get("kind") != "probe"]
+failures = [r for r in raw if r.get("kind") == "failure"]
+samples = [r for r in raw if r.get("kind") is None]
 
 WORKLOADS = [
     ("seqwrite", "seq write 1 MiB (nbdcopy, --flush)", "MiB/s"),
@@ -479,9 +508,9 @@ mem = {}
 for s in samples:
     if s["workload"] != "memory":
         continue
-    m = mem.setdefault(s["variant"], {"server": s["server"], "mode": s["mode"], "vmhwm_fio_kib": [], "vmhwm_run_kib": []})
+    m = mem.setdefault(s["variant"], {"server": s["server"], "mode": s["mode"], "vmhwm_fio_kib": [], "vmhwm_seq_kib": []})
     m["vmhwm_fio_kib"].append(s["vmhwm_fio_kib"])
-    m["vmhwm_run_kib"].append(s["vmhwm_run_kib"])
+    m["vmhwm_seq_kib"].append(s["vmhwm_seq_kib"])
 
 rows = [cells[(wl, mode)] for mode, _ in MODES for wl, _, _ in WORKLOADS if (wl, mode) in cells]
 wl_label = {w: l for w, l, _ in WORKLOADS}
@@ -495,7 +524,8 @@ p(f"Command: `{meta['command']}`" + (f" (environment: `{meta['env']}`)" if meta[
   f"; tandem `{meta['commit']}`; elapsed {meta['elapsed'] // 60} min {meta['elapsed'] % 60} s.")
 p("")
 p(f"Machine: {meta['cpu']}, {meta['cores']} cores, {meta['mem']}, {meta['os']}, kernel {meta['kernel']}; "
-  f"backing files on {meta['fs']}. {meta['qemu']}; {meta['nbdkit']}; {meta['nbdcopy']}; {meta['fio']}.")
+  f"backing files on {meta['fs']}; load average at start {meta['load_start']}, at end {meta['load_end']}. "
+  f"{meta['qemu']}; {meta['nbdkit']}; {meta['nbdcopy']}; {meta['fio']}.")
 p("")
 p(f"Each cell: median of {meta['reps']} repetitions (server order rotated), after a warm-up; "
   f"test size {meta['size_mib']} MiB, backing files {meta['file_mib']} MiB of written zeros, "
@@ -523,24 +553,31 @@ mem_lines = []
 for v in ("tandem-pc", "tandem-direct"):
     if v in mem:
         m = mem[v]
-        mem_lines.append(f"{mode_label[m['mode']]} {max(m['vmhwm_fio_kib']) / 1024:.1f} MiB")
+        mem_lines.append(f"{mode_label[m['mode']]} {max(m['vmhwm_fio_kib']) / 1024:.1f} MiB "
+                         f"(nbdcopy phase {max(m['vmhwm_seq_kib']) / 1024:.1f} MiB)")
 if mem_lines:
     verdict = all(max(mem[v]["vmhwm_fio_kib"]) < 32 * 1024 for v in ("tandem-pc", "tandem-direct") if v in mem)
-    p(f"tandem peak memory (VmHWM) during the fio runs, max over repetitions: {', '.join(mem_lines)} "
-      f"(target < 32 MiB: {'met' if verdict else 'NOT met'}).")
+    p(f"tandem peak memory (VmHWM) during the fio runs, max over repetitions: {'; '.join(mem_lines)}. "
+      f"Target < 32 MiB during the fio runs: **{'met' if verdict else 'NOT met'}**.")
 if meta["tandem_size"]:
     p(f"tandem binary: {int(meta['tandem_size']):,} bytes ({int(meta['tandem_size']) / 1048576:.2f} MiB); "
       f"`file`: {meta['tandem_file']}")
 p("")
-p("Peak memory of every server (VmHWM, max over repetitions; whole run / fio part only):")
+p("Peak memory of every server (VmHWM, max over repetitions). Each run starts the server twice on the same "
+  "file: once for the sequential nbdcopy phase (1 MiB requests, 2 connections) and once for the fio phase "
+  "(4 KiB, qd32, one connection); each column is the peak of that server process over its whole life.")
 p("")
-p("| server | configuration | VmHWM whole run | VmHWM during fio | multi-conn |")
+p("| server | configuration | VmHWM nbdcopy phase | VmHWM fio phase | multi-conn |")
 p("|---|---|---|---|---|")
 for v, m in mem.items():
-    p(f"| {m['server']} | {VARIANT_LABEL.get(v, v)} | {max(m['vmhwm_run_kib']) / 1024:.1f} MiB | "
+    p(f"| {m['server']} | {VARIANT_LABEL.get(v, v)} | {max(m['vmhwm_seq_kib']) / 1024:.1f} MiB | "
       f"{max(m['vmhwm_fio_kib']) / 1024:.1f} MiB | {probes.get(v, {}).get('multi_conn', '?')} |")
 p("")
-p("All samples (in run order of repetitions):")
+if failures:
+    p("Failed runs (retried once with a fresh file and server; server logs in bench/out/failed-*.log): " +
+      ", ".join(f"{f['variant']} rep {f['rep'] + 1} attempt {f['attempt']}" for f in failures) + ".")
+    p("")
+p("All samples (by repetition):")
 p("")
 p("| workload | mode | server | configuration | samples | median |")
 p("|---|---|---|---|---|---|")
@@ -562,6 +599,7 @@ result = {
     "memory": mem,
     "probes": probes,
     "samples": samples,
+    "failures": failures,
 }
 json.dump(result, open(json_path, "w"), indent=2)
 PY

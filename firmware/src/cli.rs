@@ -133,11 +133,24 @@ fn config_path(
     }
 }
 
+/// Loads the config for `run` and `init`. A failure is one line (the first problem and how many
+/// more); `check-config` lists them all.
 fn load_config(path: &std::path::Path) -> Result<Config, Failure> {
     config::load(path).map_err(|e| {
         let message = match &e {
             LoadError::Unreadable { .. } => format!("cannot read the config: {e}"),
-            LoadError::Invalid { .. } => format!("the config is not valid:\n{e}"),
+            LoadError::Invalid { path, problems } => {
+                let first = problems.first().map(|p| p.to_string()).unwrap_or_default();
+                match problems.len() {
+                    0 | 1 => format!("{}: {first}", path.display()),
+                    n => format!(
+                        "{}: {first} (and {} more: see 'tandem check-config {}')",
+                        path.display(),
+                        n - 1,
+                        path.display()
+                    ),
+                }
+            }
         };
         Failure {
             code: exit::CONFIG,
@@ -206,7 +219,10 @@ fn check_config(mut parser: lexopt::Parser) -> Result<u8, Failure> {
     let Some(path) = path else {
         return Err(usage("missing FILE", "check-config"));
     };
-    let config = load_config(&path)?;
+    let config = config::load(&path).map_err(|e| Failure {
+        code: exit::CONFIG,
+        message: e.to_string(),
+    })?;
     println!("{}: valid", path.display());
     if config.is_standalone() {
         println!("standalone node: no mirroring, no failover");

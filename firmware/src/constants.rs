@@ -33,6 +33,10 @@ pub const BUFFER_CACHE_BYTES_MAX: usize = 16 << 20;
 /// without being stored and refused.
 pub const NBD_OPTION_PAYLOAD_BYTES_MAX: u32 = 16 << 10;
 
+/// The longest option payload skipped (and refused with `NBD_REP_ERR_TOO_BIG`); an option that
+/// claims more closes the connection at once.
+pub const NBD_OPTION_SKIP_BYTES_MAX: u32 = 1 << 20;
+
 /// How long a client may take to finish the handshake before it is dropped (it holds a slot).
 pub const NBD_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
@@ -53,3 +57,4 @@ const _: () = assert!(NBD_REQUESTS_PER_CONNECTION_MAX <= IO_IN_FLIGHT_COUNT_MAX)
 const _: () = assert!(NBD_PAYLOAD_BYTES_MAX as usize <= IN_FLIGHT_BYTES_MAX);
 const _: () = assert!(NBD_PAYLOAD_BYTES_MAX.is_power_of_two());
 const _: () = assert!(CLIENT_READ_BUFFER_BYTES >= 28 * 64);
+const _: () = assert!(NBD_OPTION_PAYLOAD_BYTES_MAX < NBD_OPTION_SKIP_BYTES_MAX);

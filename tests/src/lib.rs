@@ -419,6 +419,7 @@ impl Node {
             .arg("run")
             .arg("--config")
             .arg(&config.config_path)
+            .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr))

@@ -147,7 +147,7 @@ fn nbdinfo_list_shows_the_export() {
         .filter_map(|e| e["export-name"].as_str())
         .collect();
     assert!(
-        names.iter().any(|n| *n == "" || *n == "tandem"),
+        names.iter().any(|n| n.is_empty() || *n == "tandem"),
         "listed exports {names:?}"
     );
     for export in exports {
@@ -968,4 +968,38 @@ fn tcp_listener_serves_the_same_volume() {
         "TCP listener not accepting"
     );
     assert_eq!(nbdinfo_size(&tcp_uri), nbdinfo_size(&node.nbd_uri()));
+}
+
+#[test]
+fn multi_conn_flush_and_fua_make_writes_visible_on_every_connection() {
+    let dir = TempDir::new("multiconn");
+    let node = Node::start(&dir, "nas-a");
+    let (mut a, export) = RawClient::connect_and_go(node.nbd_socket());
+    assert_ne!(export.flags & tflag::CAN_MULTI_CONN, 0);
+    let (mut b, _) = RawClient::connect_and_go(node.nbd_socket());
+    let (mut c, _) = RawClient::connect_and_go(node.nbd_socket());
+
+    let one = pseudo_random_bytes(1, 128 * 1024);
+    assert_eq!(a.write(0, 4096, &one).expect("write on a"), 0);
+    assert_eq!(a.command(0, cmd::FLUSH, 0, 0).expect("flush on a"), 0);
+    assert_eq!(
+        b.read(4096, one.len() as u32).expect("read on b"),
+        Ok(one.clone())
+    );
+    assert_eq!(c.read(4096, one.len() as u32).expect("read on c"), Ok(one));
+
+    let two = pseudo_random_bytes(2, 64 * 1024);
+    assert_eq!(
+        b.write(cmd_flag::FUA, 1 << 20, &two)
+            .expect("FUA write on b"),
+        0
+    );
+    assert_eq!(
+        a.read(1 << 20, two.len() as u32).expect("read on a"),
+        Ok(two.clone())
+    );
+    assert_eq!(
+        c.read(1 << 20, two.len() as u32).expect("read on c"),
+        Ok(two)
+    );
 }

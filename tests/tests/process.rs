@@ -151,6 +151,8 @@ fn fua_and_flush_acknowledged_writes_survive_sigkill_while_connected() {
     );
 }
 
+/// qemu-io's `write -f` sends FUA; qemu also flushes when it closes the image, so this checks
+/// the qemu path end to end, while the raw test above isolates FUA from FLUSH.
 #[test]
 fn qemu_io_fua_writes_survive_sigkill_and_restart() {
     if !require_tool("qemu-io") {

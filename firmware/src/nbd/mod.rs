@@ -27,8 +27,8 @@
 use crate::buffer::BufferPool;
 use crate::constants::{
     IO_IN_FLIGHT_COUNT_MAX, NBD_BLOCK_BYTES_PREFERRED, NBD_CONNECTION_COUNT_MAX,
-    NBD_HANDSHAKE_TIMEOUT_MS, NBD_OPTION_PAYLOAD_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX,
-    NBD_REFUSED_CONNECTION_COUNT_MAX, NBD_REQUESTS_PER_CONNECTION_MAX,
+    NBD_HANDSHAKE_TIMEOUT_MS, NBD_OPTION_PAYLOAD_BYTES_MAX, NBD_OPTION_SKIP_BYTES_MAX,
+    NBD_PAYLOAD_BYTES_MAX, NBD_REFUSED_CONNECTION_COUNT_MAX, NBD_REQUESTS_PER_CONNECTION_MAX,
 };
 use crate::time::Instant;
 use crate::wire::nbd::{self as wire, command, command_flags, errno, option, option_reply};
@@ -668,6 +668,14 @@ impl Server {
                 let mut raw = [0u8; wire::OPTION_HEADER_LEN];
                 raw.copy_from_slice(&session.partial[..wire::OPTION_HEADER_LEN]);
                 match wire::parse_option_header(&raw) {
+                    Ok(header) if header.length > NBD_OPTION_SKIP_BYTES_MAX => {
+                        // No option is anywhere near this long (strings stop at 4 KiB): the
+                        // client is broken or hostile, and waiting for the bytes would hold a
+                        // slot for nothing.
+                        let what =
+                            format!("option {} claims {} bytes", header.option, header.length);
+                        self.protocol_violation(conn, &what);
+                    }
                     Ok(header) if header.length > NBD_OPTION_PAYLOAD_BYTES_MAX => {
                         session.phase = Phase::OptionSkip {
                             header,
@@ -980,13 +988,15 @@ impl Server {
     ) -> Verdict {
         let end = request.offset.checked_add(u64::from(request.length));
         let in_range = matches!(end, Some(end) if end <= self.export.size_bytes);
+        // FUA is valid on every command once SEND_FUA is advertised (it does nothing for the
+        // ones that write nothing). DF is not advertised, so it is refused like any other flag
+        // the server did not offer.
+        let fua = command_flags::FUA;
         let allowed_flags = match request.command {
-            command::READ if structured => command_flags::DF,
-            command::READ => 0,
-            command::WRITE | command::TRIM => command_flags::FUA,
-            command::WRITE_ZEROES => command_flags::FUA | command_flags::NO_HOLE,
-            command::BLOCK_STATUS => command_flags::REQ_ONE,
-            command::FLUSH | command::DISC | command::CACHE => 0,
+            command::READ | command::WRITE | command::TRIM | command::FLUSH | command::CACHE => fua,
+            command::WRITE_ZEROES => fua | command_flags::NO_HOLE,
+            command::BLOCK_STATUS => fua | command_flags::REQ_ONE,
+            command::DISC => 0,
             _ => return Verdict::Reject(errno::EINVAL),
         };
         if request.flags & !allowed_flags != 0 {

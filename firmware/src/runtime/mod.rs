@@ -70,6 +70,12 @@ const TOKEN_CLIENT: u64 = 1 << 32;
 const TOKEN_CONTROL_CLIENT: u64 = 2 << 32;
 const TOKEN_KIND_MASK: u64 = !0xffff_ffff;
 
+/// A client's socket is watched edge-triggered for input; output readiness is asked for only
+/// while a reply is stuck behind a full socket buffer.
+const CLIENT_EVENTS: epoll::EventFlags = epoll::EventFlags::IN
+    .union(epoll::EventFlags::ET)
+    .union(epoll::EventFlags::RDHUP);
+
 /// A client's socket: unix or TCP.
 #[derive(Debug)]
 enum Stream {
@@ -127,6 +133,8 @@ struct Client {
     readable: bool,
     /// The node asked for a close once the queue drains.
     closing: bool,
+    /// EPOLLOUT is being watched (the socket buffer was full).
+    watching_output: bool,
 }
 
 #[derive(Debug)]
@@ -226,6 +234,57 @@ fn bind_unix(path: &Path, what: &str) -> Result<UnixListener, StartError> {
     Ok(listener)
 }
 
+/// The listening sockets of a node, bound before anything else is touched.
+#[derive(Debug)]
+struct Sockets {
+    nbd_unix: UnixListener,
+    nbd_unix_path: PathBuf,
+    nbd_tcp: Option<TcpListener>,
+    control: UnixListener,
+    control_path: PathBuf,
+}
+
+impl Sockets {
+    fn bind(config: &Config) -> Result<Sockets, StartError> {
+        let nbd_unix = bind_unix(&config.volume.nbd_socket, "nbd_socket")?;
+        let remove_nbd = || {
+            let _ = std::fs::remove_file(&config.volume.nbd_socket);
+        };
+        let control = bind_unix(&config.console.control_socket, "control_socket")
+            .inspect_err(|_| remove_nbd())?;
+        let sockets = |nbd_tcp| Sockets {
+            nbd_unix,
+            nbd_unix_path: config.volume.nbd_socket.clone(),
+            nbd_tcp,
+            control,
+            control_path: config.console.control_socket.clone(),
+        };
+        let Some(addr) = config.volume.nbd_listen else {
+            return Ok(sockets(None));
+        };
+        let failed = |e: StartError| {
+            remove_nbd();
+            let _ = std::fs::remove_file(&config.console.control_socket);
+            Err(e)
+        };
+        match TcpListener::bind(addr) {
+            Ok(listener) => match listener.set_nonblocking(true) {
+                Ok(()) => Ok(sockets(Some(listener))),
+                Err(e) => failed(StartError::Internal(format!("nbd_listen {addr}: {e}"))),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => failed(StartError::SocketInUse(
+                format!("nbd_listen {addr} is in use"),
+            )),
+            Err(e) => failed(StartError::Internal(format!("nbd_listen {addr}: {e}"))),
+        }
+    }
+
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.nbd_unix_path);
+        let _ = std::fs::remove_file(&self.control_path);
+    }
+}
+
 /// The running node and everything it owns.
 #[derive(Debug)]
 pub struct Runtime {
@@ -253,85 +312,49 @@ impl Runtime {
     pub fn start(config: &Config) -> Result<Runtime, StartError> {
         let signals = TerminationSignals::install()
             .map_err(|e| StartError::Internal(format!("cannot watch for signals: {e}")))?;
-        let disk = open_disk(config)?;
-        let id = random_id()?;
-        let mut volume = volume::open(&disk, id, &config.node.name).map_err(|e| {
-            StartError::Backing(format!(
-                "backing device {}: {e}",
-                config.volume.backing.display()
-            ))
-        })?;
-        if volume.initialized {
-            log::info!(
-                "volume initialized (backing={} volume_bytes={})",
-                config.volume.backing.display(),
-                volume.layout.volume_bytes
-            );
-        } else if !volume.superblock.has_flag(flags::CLEAN_SHUTDOWN) {
-            log::warn!("volume was not shut down cleanly last time (unflushed writes may be lost, as with any disk)");
-        }
-        std::fs::create_dir_all(&config.node.state_dir).map_err(|e| {
-            StartError::Internal(format!(
-                "state_dir {}: {e}",
-                config.node.state_dir.display()
-            ))
-        })?;
-        let nbd_unix = bind_unix(&config.volume.nbd_socket, "nbd_socket")?;
-        let control = match bind_unix(&config.console.control_socket, "control_socket") {
-            Ok(control) => control,
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
+            .map_err(|e| StartError::Internal(format!("epoll: {e}")))?;
+        // Sockets first: a node that would fail because another one already serves here must
+        // not touch the disk at all.
+        let sockets = Sockets::bind(config)?;
+        let opened = Self::open_volume(config);
+        let (disk, mut volume) = match opened {
+            Ok(opened) => opened,
             Err(e) => {
-                let _ = std::fs::remove_file(&config.volume.nbd_socket);
+                sockets.remove();
                 return Err(e);
             }
-        };
-        let cleanup = || {
-            let _ = std::fs::remove_file(&config.volume.nbd_socket);
-            let _ = std::fs::remove_file(&config.console.control_socket);
-        };
-        let nbd_tcp = match config.volume.nbd_listen {
-            None => None,
-            Some(addr) => match TcpListener::bind(addr) {
-                Ok(listener) => {
-                    let _ = listener.set_nonblocking(true);
-                    Some(listener)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    cleanup();
-                    return Err(StartError::SocketInUse(format!(
-                        "nbd_listen {addr} is in use"
-                    )));
-                }
-                Err(e) => {
-                    cleanup();
-                    return Err(StartError::Internal(format!("nbd_listen {addr}: {e}")));
-                }
-            },
         };
         // The volume is now open: until a clean exit says otherwise, it is not clean.
         volume.superblock.flags &= !flags::CLEAN_SHUTDOWN;
         volume.superblock.sequence += 1;
         if let Err(e) = volume::write_superblock(&disk, &volume.layout, &volume.superblock) {
-            cleanup();
+            sockets.remove();
             return Err(StartError::Backing(format!("cannot write metadata: {e}")));
         }
+        let Sockets {
+            nbd_unix,
+            nbd_unix_path,
+            nbd_tcp,
+            control,
+            control_path,
+        } = sockets;
         let settings = NodeSettings {
             name: config.node.name.clone(),
             backing: config.volume.backing.display().to_string(),
             volume_bytes: volume.layout.volume_bytes,
         };
         let node = Node::new_standalone(settings, now());
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
-            .map_err(|e| StartError::Internal(format!("epoll: {e}")))?;
         let runtime = Runtime {
             node,
             disk,
             epoll,
             signals,
             nbd_unix,
-            nbd_unix_path: config.volume.nbd_socket.clone(),
+            nbd_unix_path,
             nbd_tcp,
             control,
-            control_path: config.console.control_socket.clone(),
+            control_path,
             clients: (0..NBD_CONNECTION_COUNT_MAX + NBD_REFUSED_CONNECTION_COUNT_MAX)
                 .map(|_| None)
                 .collect(),
@@ -351,6 +374,37 @@ impl Runtime {
             config.volume.nbd_socket.display()
         );
         Ok(runtime)
+    }
+
+    /// Opens the backing device and its volume (initializing a blank device).
+    fn open_volume(config: &Config) -> Result<(LinuxDisk, volume::OpenVolume), StartError> {
+        let disk = open_disk(config)?;
+        let id = random_id()?;
+        let volume = volume::open(&disk, id, &config.node.name).map_err(|e| {
+            StartError::Backing(format!(
+                "backing device {}: {e}",
+                config.volume.backing.display()
+            ))
+        })?;
+        if volume.initialized {
+            log::info!(
+                "volume initialized (backing={} volume_bytes={})",
+                config.volume.backing.display(),
+                volume.layout.volume_bytes
+            );
+        } else if !volume.superblock.has_flag(flags::CLEAN_SHUTDOWN) {
+            log::warn!(
+                "volume was not shut down cleanly last time (writes not yet flushed then may be \
+                 lost, as with any disk)"
+            );
+        }
+        std::fs::create_dir_all(&config.node.state_dir).map_err(|e| {
+            StartError::Internal(format!(
+                "state_dir {}: {e}",
+                config.node.state_dir.display()
+            ))
+        })?;
+        Ok((disk, volume))
     }
 
     fn register_all(&self) -> rustix::io::Result<()> {
@@ -521,10 +575,7 @@ impl Runtime {
             self.clients[slot].is_none(),
             "the node reused a slot the runtime still holds"
         );
-        let flags = epoll::EventFlags::IN
-            | epoll::EventFlags::OUT
-            | epoll::EventFlags::ET
-            | epoll::EventFlags::RDHUP;
+        let flags = CLIENT_EVENTS;
         let token = epoll::EventData::new_u64(TOKEN_CLIENT | slot as u64);
         if let Err(e) = epoll::add(&self.epoll, stream.fd(), token, flags) {
             log::error!("epoll: cannot watch a client (error={e})");
@@ -540,6 +591,7 @@ impl Runtime {
             outq: VecDeque::new(),
             readable: true,
             closing: false,
+            watching_output: false,
         });
     }
 
@@ -590,7 +642,14 @@ impl Runtime {
                     self.drop_client(slot);
                     return;
                 }
-                Ok(n) => client.in_end += n,
+                Ok(n) => {
+                    // A short read emptied the socket: with edge-triggered epoll the next byte
+                    // to arrive raises a new event, so there is no need to read until EAGAIN.
+                    if client.in_end + n < client.inbuf.len() {
+                        client.readable = false;
+                    }
+                    client.in_end += n;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     client.readable = false;
                     if client.in_start == client.in_end {
@@ -718,7 +777,16 @@ impl Runtime {
             };
             let written = match result {
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if !client.watching_output {
+                        let token = epoll::EventData::new_u64(TOKEN_CLIENT | slot as u64);
+                        let events = CLIENT_EVENTS | epoll::EventFlags::OUT;
+                        if epoll::modify(&self.epoll, client.stream.fd(), token, events).is_ok() {
+                            client.watching_output = true;
+                        }
+                    }
+                    break;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => {
                     broken = true;
@@ -745,6 +813,12 @@ impl Runtime {
                     front.sent += left;
                     left = 0;
                 }
+            }
+        }
+        if client.watching_output && client.outq.is_empty() {
+            let token = epoll::EventData::new_u64(TOKEN_CLIENT | slot as u64);
+            if epoll::modify(&self.epoll, client.stream.fd(), token, CLIENT_EVENTS).is_ok() {
+                client.watching_output = false;
             }
         }
         let finished = client.closing && client.outq.is_empty();
