@@ -1068,10 +1068,13 @@ mod tests {
         assert_eq!(Superblock::decode(&[]), Err(SuperblockDecodeError::Short));
     }
 
+    /// A named way to damage an encoded superblock.
+    type Damage = (&'static str, fn(&mut [u8; SUPERBLOCK_BYTES]));
+
     #[test]
     fn superblock_with_impossible_fields_is_malformed() {
         let good = encoded(&sample_superblock());
-        let cases: [(&str, fn(&mut [u8; SUPERBLOCK_BYTES])); 9] = [
+        let cases: [Damage; 9] = [
             ("sequence zero", |b| b[16..24].fill(0)),
             ("volume id zero", |b| b[24..40].fill(0)),
             ("unknown flag", |b| b[12] |= 0x40),
