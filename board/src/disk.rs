@@ -33,6 +33,11 @@ pub const RING_ENTRIES: u32 = 1024;
 /// The most extents one `MapExtents` request reports.
 pub const EXTENT_COUNT_MAX: usize = 64;
 
+/// Transfers of at least this many bytes are handed to io_uring's worker threads instead of being
+/// copied on the event loop's thread: the page-cache copy then runs on another core while the
+/// loop moves bytes to and from sockets.
+const ASYNC_TRANSFER_BYTES_MIN: usize = 128 << 10;
+
 /// Zero bytes written per step when a filesystem cannot zero a range with fallocate.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
@@ -314,6 +319,11 @@ impl LinuxDisk {
     /// worker per write, at the price of blocking the loop while the kernel throttles dirty
     /// pages. Direct I/O (the default for block devices) never takes this path.
     fn try_inline(&mut self, slot: &mut Slot) -> bool {
+        if let DiskRequest::Read { buf, .. } | DiskRequest::Write { buf, .. } = &slot.request {
+            if buf.len() >= ASYNC_TRANSFER_BYTES_MIN {
+                return false;
+            }
+        }
         let nowait = rustix::io::ReadWriteFlags::NOWAIT;
         let write_flags = if self.buffered_write_blocks {
             rustix::io::ReadWriteFlags::empty()
@@ -472,6 +482,14 @@ impl LinuxDisk {
             (request, stage) => unreachable!("no operation for {request:?} at {stage:?}"),
         }
         .user_data(user_data);
+        let entry = match &slot.request {
+            DiskRequest::Read { buf, .. } | DiskRequest::Write { buf, .. }
+                if buf.len() - slot.done_bytes >= ASYNC_TRANSFER_BYTES_MIN =>
+            {
+                entry.flags(io_uring::squeue::Flags::ASYNC)
+            }
+            _ => entry,
+        };
         // SAFETY: every pointer in `entry` points into a buffer owned by the slot (or by
         // `self.zeroes`), and neither is dropped, moved out of its heap allocation or reused
         // until the completion for `user_data` has been reaped in `complete`.

@@ -250,6 +250,17 @@ impl Node {
         self.server.handle_bytes(conn, bytes)
     }
 
+    /// Where a client's write payload may be read to directly (see
+    /// [`Server::payload_target`]).
+    pub fn payload_target(&mut self, conn: ConnId) -> Option<&mut [u8]> {
+        self.server.payload_target(conn)
+    }
+
+    /// Bytes were read into the buffer from [`Node::payload_target`].
+    pub fn handle_payload_received(&mut self, conn: ConnId, n: usize) {
+        self.server.handle_payload_received(conn, n);
+    }
+
     /// A client's socket closed.
     pub fn handle_client_closed(&mut self, conn: ConnId) {
         self.server.handle_closed(conn);

@@ -217,8 +217,11 @@ struct Session {
     /// Over the connection limit: told so at GO, never served.
     is_refused: bool,
     in_flight: usize,
-    /// The socket is gone (or a close was asked for): free the slot when `in_flight` is zero.
-    is_closed: bool,
+    /// A close was asked for: nothing more is sent on this connection.
+    is_closing: bool,
+    /// The runtime has let go of the socket: the slot is freed once `in_flight` is zero. Only
+    /// this frees a slot, so the runtime never sees a slot reused while it still holds it.
+    is_gone: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,7 +304,7 @@ impl Server {
         self.sessions
             .iter()
             .flatten()
-            .filter(|s| s.is_handshaking() && !s.is_closed)
+            .filter(|s| s.is_handshaking() && !s.is_closing && !s.is_gone)
             .map(|s| s.started_at.plus_millis(NBD_HANDSHAKE_TIMEOUT_MS))
             .min()
     }
@@ -351,7 +354,8 @@ impl Server {
             base_allocation: false,
             is_refused,
             in_flight: 0,
-            is_closed: false,
+            is_closing: false,
+            is_gone: false,
         });
         let conn = ConnId {
             slot: slot as u16,
@@ -376,7 +380,7 @@ impl Server {
     /// The client's socket is gone. Requests in flight finish; their answers are dropped.
     pub fn handle_closed(&mut self, conn: ConnId) {
         if let Some(session) = self.session_mut(conn) {
-            session.is_closed = true;
+            session.is_gone = true;
             session.phase = Phase::Draining;
         }
         self.release_payload_buffer(conn);
@@ -389,7 +393,8 @@ impl Server {
         for (slot, session) in self.sessions.iter().enumerate() {
             let Some(session) = session else { continue };
             let deadline = session.started_at.plus_millis(NBD_HANDSHAKE_TIMEOUT_MS);
-            if session.is_handshaking() && !session.is_closed && now >= deadline {
+            let is_open = !session.is_closing && !session.is_gone;
+            if session.is_handshaking() && is_open && now >= deadline {
                 expired.push(ConnId {
                     slot: slot as u16,
                     generation: session.generation,
@@ -485,6 +490,49 @@ impl Server {
         consumed
     }
 
+    /// Where the rest of a write's payload should land, if the connection is receiving one: the
+    /// runtime may read the socket straight into it (saving a copy for large writes) and then
+    /// report the bytes with [`Server::handle_payload_received`].
+    pub fn payload_target(&mut self, conn: ConnId) -> Option<&mut [u8]> {
+        let session = self.sessions.get(conn.slot as usize)?.as_ref()?;
+        if session.generation != conn.generation {
+            return None;
+        }
+        let Phase::Payload { io, filled } = session.phase else {
+            return None;
+        };
+        let buf = self.ios.get_mut(io)?.as_mut()?.buf.as_mut()?;
+        Some(&mut buf.as_mut_slice()[filled..])
+    }
+
+    /// `n` bytes were placed in the buffer given by [`Server::payload_target`].
+    ///
+    /// # Panics
+    /// If no payload was being received or `n` is more than was asked for: a runtime bug.
+    pub fn handle_payload_received(&mut self, conn: ConnId, n: usize) {
+        let Some(session) = self.session_mut(conn) else {
+            panic!("payload received for a closed connection");
+        };
+        let Phase::Payload { io, filled } = session.phase else {
+            panic!("payload received outside a write");
+        };
+        let filled = filled + n;
+        let len = match self.ios[io].as_ref().and_then(|f| f.buf.as_ref()) {
+            Some(buf) => buf.len(),
+            None => unreachable!("a receiving write holds its buffer"),
+        };
+        assert!(filled <= len, "more payload than the write carries");
+        let Some(session) = self.session_mut(conn) else {
+            unreachable!()
+        };
+        if filled == len {
+            session.phase = Phase::Request;
+            self.issue(io);
+        } else {
+            session.phase = Phase::Payload { io, filled };
+        }
+    }
+
     /// A volume request issued as `tag` finished.
     pub fn handle_volume_done(&mut self, tag: u64, done: VolumeDone) {
         let index = tag as usize;
@@ -498,7 +546,7 @@ impl Server {
             Some(session) => {
                 assert!(session.in_flight > 0, "request count underflow");
                 session.in_flight -= 1;
-                !session.is_closed
+                !session.is_closing && !session.is_gone
             }
             None => false,
         };
@@ -533,7 +581,6 @@ impl Server {
                     self.pool.give_back(buf);
                 }
                 if alive {
-                    self.counters.errors += 1;
                     let is_read = flight.kind == IoKind::Read;
                     self.reply_error(conn, flight.cookie, error, is_read);
                 }
@@ -553,6 +600,13 @@ impl Server {
     }
 
     fn send(&mut self, conn: ConnId, head: Head, data: Option<IoBuf>) {
+        let is_open = matches!(self.session_mut(conn), Some(s) if !s.is_closing && !s.is_gone);
+        if !is_open {
+            if let Some(data) = data {
+                self.pool.give_back(data);
+            }
+            return;
+        }
         self.outputs
             .push_back(ServerOutput::Send { conn, head, data });
     }
@@ -572,17 +626,19 @@ impl Server {
             buf.as_mut_slice()[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         }
-        self.outputs.push_back(ServerOutput::Send {
-            conn,
-            head: Head::EMPTY,
-            data: Some(buf),
-        });
+        self.send(conn, Head::EMPTY, Some(buf));
     }
 
+    /// Asks the runtime to close the connection after what is queued; nothing more is sent.
     fn close(&mut self, conn: ConnId) {
-        if let Some(session) = self.session_mut(conn) {
-            session.phase = Phase::Draining;
+        let Some(session) = self.session_mut(conn) else {
+            return;
+        };
+        if session.is_closing || session.is_gone {
+            return;
         }
+        session.is_closing = true;
+        session.phase = Phase::Draining;
         self.release_payload_buffer(conn);
         self.outputs.push_back(ServerOutput::Close { conn });
     }
@@ -616,7 +672,7 @@ impl Server {
     }
 
     fn free_if_done(&mut self, conn: ConnId) {
-        let done = matches!(self.session_mut(conn), Some(s) if s.is_closed && s.in_flight == 0);
+        let done = matches!(self.session_mut(conn), Some(s) if s.is_gone && s.in_flight == 0);
         if done {
             self.sessions[conn.slot as usize] = None;
         }
@@ -624,16 +680,12 @@ impl Server {
 
     /// After DISC, the connection closes once its last request is answered.
     fn finish_drain(&mut self, conn: ConnId) {
-        let close = matches!(
+        let drained = matches!(
             self.session_mut(conn),
-            Some(s) if matches!(s.phase, Phase::Draining) && s.in_flight == 0 && !s.is_closed
+            Some(s) if matches!(s.phase, Phase::Draining) && s.in_flight == 0
         );
-        if close {
-            if let Some(session) = self.session_mut(conn) {
-                session.is_closed = true;
-            }
-            self.outputs.push_back(ServerOutput::Close { conn });
-            self.free_if_done(conn);
+        if drained {
+            self.close(conn);
         }
     }
 
@@ -996,7 +1048,7 @@ impl Server {
             command::READ | command::WRITE | command::TRIM | command::FLUSH | command::CACHE => fua,
             command::WRITE_ZEROES => fua | command_flags::NO_HOLE,
             command::BLOCK_STATUS => fua | command_flags::REQ_ONE,
-            command::DISC => 0,
+            command::DISC => fua,
             _ => return Verdict::Reject(errno::EINVAL),
         };
         if request.flags & !allowed_flags != 0 {
@@ -1204,7 +1256,9 @@ impl Server {
             cookie,
             payload_len as u32,
         );
-        let mut buf = self.pool.take(payload_len);
+        // At most 516 bytes, and the answer to work already admitted: it must not wait for
+        // the data budget (which reads in flight may have spent).
+        let mut buf = self.pool.take_exempt(payload_len);
         let body = buf.as_mut_slice();
         body[0..4].copy_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
         for (i, (len, flags)) in descriptors.iter().enumerate() {

@@ -61,6 +61,9 @@ impl std::fmt::Display for StartError {
     }
 }
 
+/// Write payloads at least this large are read from the socket straight into their buffer.
+const DIRECT_PAYLOAD_BYTES_MIN: usize = 64 << 10;
+
 const TOKEN_SIGNAL: u64 = 1;
 const TOKEN_DISK: u64 = 2;
 const TOKEN_NBD_UNIX: u64 = 3;
@@ -636,6 +639,46 @@ impl Runtime {
                 client.in_end -= client.in_start;
                 client.in_start = 0;
             }
+            if client.in_start == client.in_end {
+                // Nothing buffered: a large write payload is read straight into its I/O buffer,
+                // saving a copy through the read buffer.
+                let conn = client.conn;
+                let stream = &mut client.stream;
+                if let Some(target) = self.node.payload_target(conn) {
+                    if target.len() >= DIRECT_PAYLOAD_BYTES_MIN {
+                        let want = target.len();
+                        match stream.read(target) {
+                            Ok(0) => {
+                                self.drop_client(slot);
+                                return;
+                            }
+                            Ok(n) => {
+                                self.node.handle_payload_received(conn, n);
+                                if n < want {
+                                    if let Some(client) = self.clients[slot].as_mut() {
+                                        client.readable = false;
+                                    }
+                                }
+                                continue;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                if let Some(client) = self.clients[slot].as_mut() {
+                                    client.readable = false;
+                                }
+                                return;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(_) => {
+                                self.drop_client(slot);
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            let Some(client) = self.clients[slot].as_mut() else {
+                return;
+            };
             let end = client.in_end;
             match client.stream.read(&mut client.inbuf[end..]) {
                 Ok(0) => {
