@@ -23,6 +23,7 @@ pub mod logger;
 pub mod metadata;
 pub mod nbd;
 pub mod node;
+pub mod replication;
 pub mod runtime;
 pub mod time;
 pub mod wire;

@@ -1,5 +1,7 @@
 //! The command table shared by the serial console and `tandem ctl`: parsing a line into a
-//! [`Command`] and rendering replies for humans.
+//! [`Command`] and rendering replies for humans. `line` is the serial console's line editor.
+
+pub mod line;
 
 use crate::node::Status;
 
