@@ -128,6 +128,9 @@ if [[ " $SERVERS " == *" tandem "* ]]; then
     [[ -x $TANDEM_BIN ]] || die "tandem binary $TANDEM_BIN not found"
     TANDEM_SIZE=$(stat -c %s "$TANDEM_BIN")
     TANDEM_FILE=$(file -b "$TANDEM_BIN")
+    # run a private copy, so that a rebuild during the run cannot swap the binary between servers
+    cp "$TANDEM_BIN" "$WORK/tandem"
+    TANDEM_RUN=$WORK/tandem
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ direct_io = $direct
 [console]
 control_socket = "$d/ctl.sock"
 EOF
-        "$TANDEM_BIN" run --config "$d/config.toml" >"$logf" 2>&1 &
+        "$TANDEM_RUN" run --config "$d/config.toml" >"$logf" 2>&1 &
         ;;
     qemu-nbd-pc)
         # -t: stay up after the last client disconnects; -e 0: unlimited connections (multi-conn)

@@ -58,3 +58,13 @@ const _: () = assert!(NBD_PAYLOAD_BYTES_MAX as usize <= IN_FLIGHT_BYTES_MAX);
 const _: () = assert!(NBD_PAYLOAD_BYTES_MAX.is_power_of_two());
 const _: () = assert!(CLIENT_READ_BUFFER_BYTES >= 28 * 64);
 const _: () = assert!(NBD_OPTION_PAYLOAD_BYTES_MAX < NBD_OPTION_SKIP_BYTES_MAX);
+
+/// Recent events kept for the `events` command.
+pub const EVENTS_COUNT_MAX: usize = 256;
+
+/// Log lines waiting for the serial console; past this the oldest are dropped (a console nobody
+/// reads must not grow memory).
+pub const CONSOLE_LOG_QUEUE_COUNT_MAX: usize = 128;
+
+/// Metrics scrapes served at once; a scraper that hangs is dropped after the control timeout.
+pub const METRICS_CONNECTION_COUNT_MAX: usize = 4;

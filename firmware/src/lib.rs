@@ -21,6 +21,7 @@ pub mod constants;
 pub mod exit;
 pub mod logger;
 pub mod metadata;
+pub mod metrics;
 pub mod nbd;
 pub mod node;
 pub mod replication;

@@ -322,6 +322,8 @@ pub struct NodeConfig {
     pub control_socket: PathBuf,
     /// Where the config file is written.
     pub config_path: PathBuf,
+    /// Extra TOML appended to the config (for example a `[metrics]` section).
+    pub extra_toml: String,
 }
 
 impl NodeConfig {
@@ -337,6 +339,7 @@ impl NodeConfig {
             direct_io: None,
             control_socket: dir.join(format!("{name}-ctl.sock")),
             config_path: dir.join(format!("{name}.toml")),
+            extra_toml: String::new(),
         }
     }
 
@@ -354,10 +357,11 @@ impl NodeConfig {
             volume.push_str(&format!("direct_io = {direct_io}\n"));
         }
         format!(
-            "[node]\nname = \"{}\"\nstate_dir = {}\n\n[volume]\n{volume}\n[console]\ncontrol_socket = {}\n",
+            "[node]\nname = \"{}\"\nstate_dir = {}\n\n[volume]\n{volume}\n[console]\ncontrol_socket = {}\n{}",
             self.name,
             toml_str(&self.state_dir),
-            toml_str(&self.control_socket)
+            toml_str(&self.control_socket),
+            self.extra_toml
         )
     }
 

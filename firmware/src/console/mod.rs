@@ -25,6 +25,8 @@ pub enum Command {
     Verify,
     /// Show recent events.
     Events,
+    /// Show the running configuration (secrets masked).
+    Config,
 }
 
 impl Command {
@@ -38,6 +40,7 @@ impl Command {
             Command::ResolveSplitBrain { .. } => "resolve-split-brain",
             Command::Verify => "verify",
             Command::Events => "events",
+            Command::Config => "config",
         }
     }
 }
@@ -94,6 +97,7 @@ pub fn parse(line: &str) -> Result<Command, CommandError> {
         "switchover" => no_args(Command::Switchover, "switchover"),
         "verify" => no_args(Command::Verify, "verify"),
         "events" => no_args(Command::Events, "events"),
+        "config" => no_args(Command::Config, "config"),
         "promote" => match args {
             ["--force"] => Ok(Command::PromoteForce),
             _ => Err(CommandError::BadArguments {
@@ -123,6 +127,7 @@ promote --force                   promote this node while its peer is not connec
 resolve-split-brain --keep NODE   after a split brain, keep NODE's data
 verify                            compare both copies of the volume online
 events                            recent events
+config                            the running configuration
 help                              this list"
 }
 
@@ -218,6 +223,7 @@ mod tests {
         assert_eq!(parse("switchover"), Ok(Command::Switchover));
         assert_eq!(parse("verify"), Ok(Command::Verify));
         assert_eq!(parse("events"), Ok(Command::Events));
+        assert_eq!(parse("config"), Ok(Command::Config));
     }
 
     #[test]

@@ -11,13 +11,15 @@
 pub mod volume;
 
 use crate::config::Config;
+use crate::console::{self, Command};
 use crate::constants::{
     CLIENT_READ_BUFFER_BYTES, CONTROL_CLIENT_TIMEOUT_MS, CONTROL_CONNECTION_COUNT_MAX,
     CONTROL_LINE_BYTES_MAX, NBD_CONNECTION_COUNT_MAX, NBD_REFUSED_CONNECTION_COUNT_MAX,
 };
+use crate::logger;
 use crate::metadata::flags;
 use crate::nbd::{ConnId, Head};
-use crate::node::{Node, NodeSettings, Output};
+use crate::node::{CommandReply, Node, NodeSettings, Output};
 use crate::time::Instant;
 use rustix::event::epoll;
 use std::collections::VecDeque;
@@ -69,6 +71,7 @@ const TOKEN_DISK: u64 = 2;
 const TOKEN_NBD_UNIX: u64 = 3;
 const TOKEN_NBD_TCP: u64 = 4;
 const TOKEN_CONTROL: u64 = 5;
+const TOKEN_METRICS: u64 = 6;
 const TOKEN_CLIENT: u64 = 1 << 32;
 const TOKEN_CONTROL_CLIENT: u64 = 2 << 32;
 const TOKEN_KIND_MASK: u64 = !0xffff_ffff;
@@ -140,9 +143,20 @@ struct Client {
     watching_output: bool,
 }
 
+/// What a short-lived local connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServiceKind {
+    /// `tandem ctl`: one command line, one reply.
+    Control,
+    /// A Prometheus scrape: one HTTP request, the metrics text.
+    Metrics,
+}
+
+/// A control or metrics connection: it sends one request and gets one reply.
 #[derive(Debug)]
 struct ControlClient {
-    stream: UnixStream,
+    kind: ServiceKind,
+    stream: Stream,
     line: Vec<u8>,
     deadline: Instant,
 }
@@ -237,6 +251,21 @@ fn bind_unix(path: &Path, what: &str) -> Result<UnixListener, StartError> {
     Ok(listener)
 }
 
+/// Binds a non-blocking TCP listener; an address in use is `SocketInUse`.
+fn bind_tcp(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, StartError> {
+    let listener = match TcpListener::bind(addr) {
+        Ok(listener) => listener,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(StartError::SocketInUse(format!("{what} {addr} is in use")));
+        }
+        Err(e) => return Err(StartError::Internal(format!("{what} {addr}: {e}"))),
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| StartError::Internal(format!("{what} {addr}: {e}")))?;
+    Ok(listener)
+}
+
 /// The listening sockets of a node, bound before anything else is touched.
 #[derive(Debug)]
 struct Sockets {
@@ -245,6 +274,7 @@ struct Sockets {
     nbd_tcp: Option<TcpListener>,
     control: UnixListener,
     control_path: PathBuf,
+    metrics: Option<TcpListener>,
 }
 
 impl Sockets {
@@ -255,31 +285,27 @@ impl Sockets {
         };
         let control = bind_unix(&config.console.control_socket, "control_socket")
             .inspect_err(|_| remove_nbd())?;
-        let sockets = |nbd_tcp| Sockets {
+        let failed = |e: StartError| {
+            remove_nbd();
+            let _ = std::fs::remove_file(&config.console.control_socket);
+            e
+        };
+        let nbd_tcp = match config.volume.nbd_listen {
+            Some(addr) => Some(bind_tcp(addr, "nbd_listen").map_err(failed)?),
+            None => None,
+        };
+        let metrics = match &config.metrics {
+            Some(metrics) => Some(bind_tcp(metrics.listen, "metrics listen").map_err(failed)?),
+            None => None,
+        };
+        Ok(Sockets {
             nbd_unix,
             nbd_unix_path: config.volume.nbd_socket.clone(),
             nbd_tcp,
             control,
             control_path: config.console.control_socket.clone(),
-        };
-        let Some(addr) = config.volume.nbd_listen else {
-            return Ok(sockets(None));
-        };
-        let failed = |e: StartError| {
-            remove_nbd();
-            let _ = std::fs::remove_file(&config.console.control_socket);
-            Err(e)
-        };
-        match TcpListener::bind(addr) {
-            Ok(listener) => match listener.set_nonblocking(true) {
-                Ok(()) => Ok(sockets(Some(listener))),
-                Err(e) => failed(StartError::Internal(format!("nbd_listen {addr}: {e}"))),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => failed(StartError::SocketInUse(
-                format!("nbd_listen {addr} is in use"),
-            )),
-            Err(e) => failed(StartError::Internal(format!("nbd_listen {addr}: {e}"))),
-        }
+            metrics,
+        })
     }
 
     fn remove(&self) {
@@ -300,6 +326,8 @@ pub struct Runtime {
     nbd_tcp: Option<TcpListener>,
     control: UnixListener,
     control_path: PathBuf,
+    metrics: Option<TcpListener>,
+    config: Config,
     clients: Vec<Option<Client>>,
     controls: Vec<Option<ControlClient>>,
     /// Clients with replies queued since the last flush.
@@ -341,6 +369,7 @@ impl Runtime {
             nbd_tcp,
             control,
             control_path,
+            metrics,
         } = sockets;
         let settings = NodeSettings {
             name: config.node.name.clone(),
@@ -358,6 +387,8 @@ impl Runtime {
             nbd_tcp,
             control,
             control_path,
+            metrics,
+            config: config.clone(),
             clients: (0..NBD_CONNECTION_COUNT_MAX + NBD_REFUSED_CONNECTION_COUNT_MAX)
                 .map(|_| None)
                 .collect(),
@@ -444,6 +475,10 @@ impl Runtime {
                 level,
             )?;
         }
+        if let Some(metrics) = &self.metrics {
+            let token = epoll::EventData::new_u64(TOKEN_METRICS);
+            epoll::add(&self.epoll, metrics, token, level)?;
+        }
         Ok(())
     }
 
@@ -504,6 +539,7 @@ impl Runtime {
                         TOKEN_NBD_UNIX => self.accept_unix(),
                         TOKEN_NBD_TCP => self.accept_tcp(),
                         TOKEN_CONTROL => self.accept_control(),
+                        TOKEN_METRICS => self.accept_metrics(),
                         _ => log::error!("epoll: unknown token {token}"),
                     },
                 }
@@ -877,22 +913,7 @@ impl Runtime {
         loop {
             match self.control.accept() {
                 Ok((stream, _)) => {
-                    let Some(index) = self.controls.iter().position(Option::is_none) else {
-                        let mut stream = stream;
-                        let _ = stream.write_all(b"error control socket busy, try again\n");
-                        continue;
-                    };
-                    let _ = stream.set_nonblocking(true);
-                    let token = epoll::EventData::new_u64(TOKEN_CONTROL_CLIENT | index as u64);
-                    if epoll::add(&self.epoll, &stream, token, epoll::EventFlags::IN).is_err() {
-                        continue;
-                    }
-                    let deadline = now().plus_millis(CONTROL_CLIENT_TIMEOUT_MS);
-                    self.controls[index] = Some(ControlClient {
-                        stream,
-                        line: Vec::new(),
-                        deadline,
-                    });
+                    self.add_service_client(ServiceKind::Control, Stream::Unix(stream))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
@@ -903,12 +924,88 @@ impl Runtime {
         }
     }
 
+    fn accept_metrics(&mut self) {
+        loop {
+            let accepted = match &self.metrics {
+                Some(listener) => listener.accept(),
+                None => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    self.add_service_client(ServiceKind::Metrics, Stream::Tcp(stream))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("metrics: accept failed (error={e})");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add_service_client(&mut self, kind: ServiceKind, stream: Stream) {
+        let Some(index) = self.controls.iter().position(Option::is_none) else {
+            // Every service slot is busy: this client gets nothing rather than stall the loop.
+            return;
+        };
+        let nonblocking = match &stream {
+            Stream::Unix(s) => s.set_nonblocking(true),
+            Stream::Tcp(s) => s.set_nonblocking(true),
+        };
+        if nonblocking.is_err() {
+            return;
+        }
+        let token = epoll::EventData::new_u64(TOKEN_CONTROL_CLIENT | index as u64);
+        if epoll::add(&self.epoll, stream.fd(), token, epoll::EventFlags::IN).is_err() {
+            return;
+        }
+        let deadline = now().plus_millis(CONTROL_CLIENT_TIMEOUT_MS);
+        self.controls[index] = Some(ControlClient {
+            kind,
+            stream,
+            line: Vec::new(),
+            deadline,
+        });
+    }
+
+    /// Runs one console command, from `ctl` or the serial console. The runtime answers what only
+    /// it knows (recent events, the running configuration); the node answers the rest.
+    fn execute(&mut self, line: &str, json: bool) -> CommandReply {
+        match console::parse(line) {
+            Ok(Command::Events) => {
+                let events = logger::recent_events();
+                if json {
+                    let list: Vec<serde_json::Value> = events
+                        .iter()
+                        .map(|e| serde_json::json!({"unix_ms": e.unix_ms, "level": e.level, "text": e.text}))
+                        .collect();
+                    let text = serde_json::Value::Array(list).to_string();
+                    CommandReply { ok: true, text }
+                } else {
+                    CommandReply {
+                        ok: true,
+                        text: logger::render_events(&events),
+                    }
+                }
+            }
+            Ok(Command::Config) => {
+                let text = self.config.to_masked_toml();
+                CommandReply {
+                    ok: true,
+                    text: text.trim_end().to_string(),
+                }
+            }
+            _ => self.node.handle_command(line, json),
+        }
+    }
+
     /// Reads a control command; the protocol is one request line (`[--json] COMMAND...`) and a
     /// reply that starts with `ok` or `error` on its own line.
     fn read_control(&mut self, index: usize) {
         let Some(control) = self.controls[index].as_mut() else {
             return;
         };
+        let kind = control.kind;
         let mut buf = [0u8; 1024];
         loop {
             match control.stream.read(&mut buf) {
@@ -944,41 +1041,69 @@ impl Runtime {
             return;
         };
         let line = line.trim().to_string();
+        if kind == ServiceKind::Metrics {
+            let response = if line.starts_with("GET ") {
+                let body = crate::metrics::render(&self.node.status());
+                format!(
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.0 405 Method Not Allowed\r\nConnection: close\r\n\r\n".to_string()
+            };
+            self.reply_service(index, response.as_bytes());
+            return;
+        }
         let (json, command) = match line.strip_prefix("--json") {
             Some(rest) if rest.is_empty() || rest.starts_with(' ') => {
                 (true, rest.trim().to_string())
             }
             _ => (false, line),
         };
-        let reply = self.node.handle_command(&command, json);
+        let reply = self.execute(&command, json);
         self.finish_control(index, reply.ok, &reply.text);
     }
 
     fn finish_control(&mut self, index: usize, ok: bool, text: &str) {
+        let status = if ok { "ok" } else { "error" };
+        self.reply_service(index, format!("{status}\n{text}\n").as_bytes());
+    }
+
+    /// Sends a reply and closes. Replies are a few KiB and fit the socket buffer; a client that
+    /// does not read loses the rest rather than stall the loop.
+    fn reply_service(&mut self, index: usize, bytes: &[u8]) {
         if let Some(control) = self.controls[index].as_mut() {
-            // The reply is small; a client that does not read it loses it rather than stall us.
-            let _ = control.stream.set_nonblocking(false);
-            let _ = control
-                .stream
-                .set_write_timeout(Some(std::time::Duration::from_millis(200)));
-            let status = if ok { "ok" } else { "error" };
-            let _ = control
-                .stream
-                .write_all(format!("{status}\n{text}\n").as_bytes());
+            let mut sent = 0;
+            while sent < bytes.len() {
+                match control
+                    .stream
+                    .write_vectored(&[IoSlice::new(&bytes[sent..])])
+                {
+                    Ok(0) => break,
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
         }
         self.close_control(index);
     }
 
     fn close_control(&mut self, index: usize) {
         if let Some(control) = self.controls[index].take() {
-            let _ = epoll::delete(&self.epoll, &control.stream);
+            let _ = epoll::delete(&self.epoll, control.stream.fd());
         }
     }
 
     fn expire_controls(&mut self, now: Instant) {
         for index in 0..self.controls.len() {
             if matches!(&self.controls[index], Some(c) if c.deadline <= now) {
-                self.finish_control(index, false, "timed out waiting for a command line");
+                if matches!(&self.controls[index], Some(c) if c.kind == ServiceKind::Metrics) {
+                    self.close_control(index);
+                } else {
+                    self.finish_control(index, false, "timed out waiting for a command line");
+                }
             }
         }
     }

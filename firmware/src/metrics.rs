@@ -1,0 +1,183 @@
+//! The Prometheus text exposition of a node's state (`[metrics] listen`), rendered from its
+//! [`Status`]. Pure: the runtime serves the text over HTTP.
+
+use crate::node::Status;
+use std::fmt::Write;
+
+fn json_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Escapes a label value (backslash, quote, newline), as the text format asks.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Out {
+    text: String,
+    node: String,
+}
+
+impl Out {
+    fn metric(&mut self, name: &str, kind: &str, help: &str, samples: &[(&str, f64)]) {
+        // Writing to a String cannot fail.
+        let _ = writeln!(self.text, "# HELP tandem_{name} {help}");
+        let _ = writeln!(self.text, "# TYPE tandem_{name} {kind}");
+        for (labels, value) in samples {
+            let sep = if labels.is_empty() { "" } else { "," };
+            let _ = writeln!(
+                self.text,
+                "tandem_{name}{{node=\"{}\"{sep}{labels}}} {value}",
+                self.node
+            );
+        }
+    }
+}
+
+/// The metrics text for `status`.
+pub fn render(status: &Status) -> String {
+    let mut out = Out {
+        text: String::new(),
+        node: label(&status.node),
+    };
+    let role = format!("role=\"{}\"", json_name(&status.role));
+    out.metric(
+        "role",
+        "gauge",
+        "The node's role (1 for the role in the label).",
+        &[(&role, 1.0)],
+    );
+    out.metric(
+        "epoch",
+        "gauge",
+        "The role epoch.",
+        &[("", status.epoch as f64)],
+    );
+    let disk = format!("state=\"{}\"", json_name(&status.disk));
+    out.metric(
+        "disk_state",
+        "gauge",
+        "The local disk's state (1 for the state in the label).",
+        &[(&disk, 1.0)],
+    );
+    let peer = format!("state=\"{}\"", json_name(&status.peer));
+    out.metric(
+        "peer_state",
+        "gauge",
+        "What the node knows of its peer (1 for the state in the label).",
+        &[(&peer, 1.0)],
+    );
+    let links = [
+        format!("link=\"heartbeat\",state=\"{}\"", status.links.heartbeat),
+        format!("link=\"lan\",state=\"{}\"", status.links.lan),
+    ];
+    out.metric(
+        "link_state",
+        "gauge",
+        "Each link to the peer (1 for the state in the label).",
+        &[(&links[0], 1.0), (&links[1], 1.0)],
+    );
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    out.metric(
+        "auto_failover",
+        "gauge",
+        "1 when automatic failover is configured and not suspended.",
+        &[("", flag(status.auto_failover))],
+    );
+    out.metric(
+        "ready_for_failover",
+        "gauge",
+        "1 when a failover could happen now.",
+        &[("", flag(status.ready_for_failover))],
+    );
+    out.metric(
+        "not_ready_reasons",
+        "gauge",
+        "How many reasons stand against a failover now.",
+        &[("", status.not_ready_reasons.len() as f64)],
+    );
+    out.metric(
+        "volume_bytes",
+        "gauge",
+        "Size of the exported volume.",
+        &[("", status.volume_bytes as f64)],
+    );
+    out.metric(
+        "sync_done_bytes",
+        "gauge",
+        "Bytes copied by the current or last resync.",
+        &[("", status.sync.done_bytes as f64)],
+    );
+    out.metric(
+        "sync_total_bytes",
+        "gauge",
+        "Bytes to copy in the current or last resync.",
+        &[("", status.sync.total_bytes as f64)],
+    );
+    out.metric(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the node started.",
+        &[("", status.uptime_s as f64)],
+    );
+    out.metric(
+        "nbd_clients",
+        "gauge",
+        "NBD clients connected.",
+        &[("", status.clients as f64)],
+    );
+    out.metric(
+        "nbd_requests_in_flight",
+        "gauge",
+        "NBD requests in flight.",
+        &[("", status.requests_in_flight as f64)],
+    );
+    let io = &status.io;
+    out.metric(
+        "nbd_requests_total",
+        "counter",
+        "NBD requests completed, by kind.",
+        &[
+            ("kind=\"read\"", io.reads as f64),
+            ("kind=\"write\"", io.writes as f64),
+            ("kind=\"flush\"", io.flushes as f64),
+        ],
+    );
+    out.metric(
+        "nbd_bytes_total",
+        "counter",
+        "Bytes moved by NBD clients, by direction.",
+        &[
+            ("direction=\"read\"", io.read_bytes as f64),
+            ("direction=\"write\"", io.written_bytes as f64),
+        ],
+    );
+    out.metric(
+        "nbd_errors_total",
+        "counter",
+        "NBD requests answered with an error.",
+        &[("", io.errors as f64)],
+    );
+    out.metric(
+        "nbd_protocol_violations_total",
+        "counter",
+        "NBD connections closed for breaking the protocol.",
+        &[("", io.protocol_violations as f64)],
+    );
+    out.metric(
+        "nbd_connections_total",
+        "counter",
+        "NBD connections, by outcome.",
+        &[
+            ("outcome=\"accepted\"", io.connections_accepted as f64),
+            ("outcome=\"refused\"", io.connections_refused as f64),
+        ],
+    );
+    out.text
+}
