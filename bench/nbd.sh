@@ -117,7 +117,8 @@ trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM
 
 # ---------------------------------------------------------------------------------------------
-# tandem binary
+# tandem binary (the commit is taken before the build: a dirty tree means uncommitted changes)
+COMMIT=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
 TANDEM_SIZE="" TANDEM_FILE=""
 if [[ " $SERVERS " == *" tandem "* ]]; then
     if [[ -z ${TANDEM_BIN:-} ]]; then
@@ -422,12 +423,12 @@ jq -n \
     --arg mem "$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)" \
     --arg kernel "$(uname -r)" \
     --arg os "$(. /etc/os-release && echo "$PRETTY_NAME")" \
-    --arg fs "$(stat -f -c %T "$OUT") on $(df --output=source "$OUT" | tail -1)" \
+    --arg fs "$(findmnt -n -o FSTYPE -T "$OUT") on $(df --output=source "$OUT" | tail -1)" \
     --arg qemu "$(qemu-nbd --version | head -1)" \
     --arg nbdkit "$(nbdkit --version)" \
     --arg nbdcopy "$(nbdcopy --version | head -1)" \
     --arg fio "$(fio --version)" \
-    --arg commit "$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)" \
+    --arg commit "$COMMIT" \
     --arg tandem_bin "${TANDEM_BIN:-}" --arg tandem_size "$TANDEM_SIZE" --arg tandem_file "$TANDEM_FILE" \
     --argjson quick "$QUICK" --argjson reps "$REPS" --argjson size_mib "$SIZE_MIB" \
     --argjson file_mib "$FILE_MIB" --argjson runtime "$RUNTIME" --argjson warmup "$WARMUP" \

@@ -10,6 +10,7 @@
 
 pub mod buf;
 pub mod disk;
+pub mod serial;
 pub mod signals;
 
 pub use buf::IoBuf;
@@ -17,4 +18,5 @@ pub use disk::{
     DiskCompletion, DiskDone, DiskError, DiskOpenError, DiskRequest, Extent, LinuxDisk,
     EXTENT_COUNT_MAX,
 };
+pub use serial::{SerialError, SerialPort};
 pub use signals::TerminationSignals;

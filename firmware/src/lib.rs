@@ -24,6 +24,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod nbd;
 pub mod node;
+pub mod peer;
 pub mod replication;
 pub mod runtime;
 pub mod time;

@@ -2,8 +2,8 @@
 //! and the bytes to echo out. Sans-IO: it never touches the port, so the runtime decides what
 //! to do with a full output buffer (drop console output, never anything else).
 //!
-//! The editor owns one input line and a ring of past lines, all allocated once in [`LineEditor::new`];
-//! nothing grows with what arrives. Whatever arrives (binary noise, a cable plugged in mid-byte,
+//! The editor owns one input line and a ring of past lines, all allocated once in
+//! [`LineEditor::new`]; nothing grows with what arrives. Whatever arrives (binary noise, a cable plugged in mid-byte,
 //! a megabyte without a newline) never panics and leaves the editor usable: the line stops
 //! growing at [`CONSOLE_LINE_BYTES_MAX`] (refused bytes ring the bell), bytes the console does
 //! not understand are ignored, and an escape sequence is dropped as soon as it turns out to be
@@ -51,7 +51,6 @@ const ESCAPE_BYTES_MAX: usize = 8;
 pub const CONSOLE_ECHO_BYTES_PER_INPUT_MAX: usize =
     CONSOLE_PROMPT_BYTES_MAX + CONSOLE_LINE_BYTES_MAX + 16;
 
-const _: () = assert!(CONSOLE_LINE_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(CONSOLE_HISTORY_COUNT_MAX >= 1);
 
 const BELL: u8 = 0x07;

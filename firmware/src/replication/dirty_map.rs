@@ -75,7 +75,7 @@ const WORD_BITS: u64 = u64::BITS as u64;
 const WORD_BYTES: usize = 8;
 const WORDS_PER_BLOCK: u64 = REGIONS_PER_BITMAP_BLOCK / WORD_BITS;
 
-const _: () = assert!(BITMAP_BLOCK_BYTES % WORD_BYTES == 0);
+const _: () = assert!(BITMAP_BLOCK_BYTES.is_multiple_of(WORD_BYTES));
 const _: () = assert!(WORDS_PER_BLOCK * WORD_BYTES as u64 == BITMAP_BLOCK_BYTES as u64);
 
 /// The out-of-sync bitmap of one volume; see the module documentation.
@@ -904,7 +904,7 @@ mod tests {
         ) {
             let volume_bytes = 200 * REGION_BYTES - 100;
             let mut map = DirtyMap::new(volume_bytes, REGION_BYTES);
-            let mut model = vec![false; 200];
+            let mut model = [false; 200];
             for (op, region, len) in ops {
                 match op {
                     0 => {

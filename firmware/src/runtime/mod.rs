@@ -11,6 +11,7 @@
 pub mod volume;
 
 use crate::config::Config;
+use crate::console::line::{LineEditor, LineEvent};
 use crate::console::{self, Command};
 use crate::constants::{
     CLIENT_READ_BUFFER_BYTES, CONTROL_CLIENT_TIMEOUT_MS, CONTROL_CONNECTION_COUNT_MAX,
@@ -29,7 +30,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use tandem_board::{IoBuf, LinuxDisk, TerminationSignals};
+use tandem_board::{IoBuf, LinuxDisk, SerialError, SerialPort, TerminationSignals};
+
+/// The serial console's speed: 115200 8N1, what a USB-serial cable and a terminal expect.
+const CONSOLE_BAUD: u32 = 115_200;
 
 /// Why `tandem run` could not start; each maps to an exit status (INTERFACE.md).
 #[derive(Debug)]
@@ -72,6 +76,7 @@ const TOKEN_NBD_UNIX: u64 = 3;
 const TOKEN_NBD_TCP: u64 = 4;
 const TOKEN_CONTROL: u64 = 5;
 const TOKEN_METRICS: u64 = 6;
+const TOKEN_SERIAL: u64 = 7;
 const TOKEN_CLIENT: u64 = 1 << 32;
 const TOKEN_CONTROL_CLIENT: u64 = 2 << 32;
 const TOKEN_KIND_MASK: u64 = !0xffff_ffff;
@@ -266,6 +271,23 @@ fn bind_tcp(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, Start
     Ok(listener)
 }
 
+/// The serial console: the port, its line editor, and a command waiting for confirmation.
+#[derive(Debug)]
+struct SerialConsole {
+    port: SerialPort,
+    editor: LineEditor,
+    /// A command that moves the role or can discard data, typed once; `yes` runs it.
+    unconfirmed: Option<String>,
+}
+
+/// Commands that move the role or can discard data: the console asks before running them.
+fn needs_confirmation(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Switchover | Command::PromoteForce | Command::ResolveSplitBrain { .. }
+    )
+}
+
 /// The listening sockets of a node, bound before anything else is touched.
 #[derive(Debug)]
 struct Sockets {
@@ -328,6 +350,7 @@ pub struct Runtime {
     control_path: PathBuf,
     metrics: Option<TcpListener>,
     config: Config,
+    serial: Option<SerialConsole>,
     clients: Vec<Option<Client>>,
     controls: Vec<Option<ControlClient>>,
     /// Clients with replies queued since the last flush.
@@ -389,6 +412,7 @@ impl Runtime {
             control_path,
             metrics,
             config: config.clone(),
+            serial: None,
             clients: (0..NBD_CONNECTION_COUNT_MAX + NBD_REFUSED_CONNECTION_COUNT_MAX)
                 .map(|_| None)
                 .collect(),
@@ -397,6 +421,8 @@ impl Runtime {
             blocked: Vec::new(),
             volume,
         };
+        let mut runtime = runtime;
+        runtime.open_serial();
         if let Err(e) = runtime.register_all() {
             runtime.remove_sockets();
             return Err(StartError::Internal(format!("epoll: {e}")));
@@ -441,6 +467,139 @@ impl Runtime {
         Ok((disk, volume))
     }
 
+    /// Opens `[console] tty`. A console that cannot be opened is reported and left out: the
+    /// node serves its volume whether or not anyone is plugged into its serial port.
+    fn open_serial(&mut self) {
+        let Some(path) = self.config.console.tty.clone() else {
+            return;
+        };
+        match SerialPort::open(&path, CONSOLE_BAUD) {
+            Ok(mut port) => {
+                let prompt = self.prompt();
+                let editor = LineEditor::new(prompt);
+                let mut out = Vec::new();
+                editor.redraw(&mut out);
+                port.write_or_drop(&out);
+                self.serial = Some(SerialConsole {
+                    port,
+                    editor,
+                    unconfirmed: None,
+                });
+            }
+            Err(e) => log::error!(
+                "console: cannot open {} (error={e}); running without it",
+                path.display()
+            ),
+        }
+    }
+
+    fn prompt(&self) -> String {
+        let status = self.node.status();
+        let role = serde_json::to_value(status.role)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        format!("{}({role})> ", status.node)
+    }
+
+    /// Reads what the operator typed and answers each complete line.
+    fn read_serial(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let Some(serial) = self.serial.as_mut() else {
+                return;
+            };
+            let n = match serial.port.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(SerialError::HungUp) => {
+                    log::warn!(
+                        "console: the serial line hung up; the console is off until restart"
+                    );
+                    let _ = epoll::delete(&self.epoll, serial.port.as_fd());
+                    self.serial = None;
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("console: read failed (error={e})");
+                    return;
+                }
+            };
+            for &byte in &buf[..n] {
+                let Some(serial) = self.serial.as_mut() else {
+                    return;
+                };
+                let mut echo = Vec::new();
+                let event = serial.editor.feed_byte(byte, &mut echo);
+                serial.port.write_or_drop(&echo);
+                if let LineEvent::Line(line) = event {
+                    let reply = self.console_command(&line);
+                    if let Some(serial) = self.serial.as_mut() {
+                        let mut out = Vec::new();
+                        serial.editor.print_above(&reply, &mut out);
+                        serial.port.write_or_drop(&out);
+                    }
+                } else if let LineEvent::Cancelled = event {
+                    if let Some(serial) = self.serial.as_mut() {
+                        serial.unconfirmed = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One line typed on the console: confirmation first for commands that move the role.
+    fn console_command(&mut self, line: &str) -> String {
+        let pending = self.serial.as_mut().and_then(|s| s.unconfirmed.take());
+        let line = line.trim();
+        let to_run = match pending {
+            Some(command) if line == "yes" => command,
+            Some(_) => return "cancelled".to_string(),
+            None => match console::parse(line) {
+                Ok(command) if needs_confirmation(&command) => {
+                    if let Some(serial) = self.serial.as_mut() {
+                        serial.unconfirmed = Some(line.to_string());
+                    }
+                    return format!(
+                        "'{line}' moves the role or can discard data. Type 'yes' to go on."
+                    );
+                }
+                _ => line.to_string(),
+            },
+        };
+        let reply = self.execute(&to_run, false);
+        if reply.ok {
+            reply.text
+        } else {
+            format!("error: {}", reply.text)
+        }
+    }
+
+    /// Prints queued log lines on the console (dropped, never waited for, if nobody reads).
+    fn flush_serial_log(&mut self) {
+        let (lines, dropped) = logger::take_console_lines();
+        let prompt = self.prompt();
+        let Some(serial) = self.serial.as_mut() else {
+            return;
+        };
+        let mut out = Vec::new();
+        if dropped > 0 {
+            serial
+                .editor
+                .print_above(&format!("({dropped} log lines dropped)"), &mut out);
+        }
+        for line in &lines {
+            serial.editor.print_above(line, &mut out);
+        }
+        if serial.editor.prompt() != prompt {
+            serial.editor.set_prompt(prompt);
+            serial.editor.redraw(&mut out);
+        }
+        if !out.is_empty() {
+            serial.port.write_or_drop(&out);
+        }
+    }
+
     fn register_all(&self) -> rustix::io::Result<()> {
         let level = epoll::EventFlags::IN;
         epoll::add(
@@ -479,6 +638,10 @@ impl Runtime {
             let token = epoll::EventData::new_u64(TOKEN_METRICS);
             epoll::add(&self.epoll, metrics, token, level)?;
         }
+        if let Some(serial) = &self.serial {
+            let token = epoll::EventData::new_u64(TOKEN_SERIAL);
+            epoll::add(&self.epoll, serial.port.as_fd(), token, level)?;
+        }
         Ok(())
     }
 
@@ -491,6 +654,8 @@ impl Runtime {
     /// flight finish, flushes the disk and marks the metadata clean.
     pub fn run(mut self) -> Result<(), StartError> {
         let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
+        // The start-up lines reach the console before the first wait.
+        self.flush_serial_log();
         loop {
             let timeout = self.next_timeout();
             events.clear();
@@ -540,6 +705,7 @@ impl Runtime {
                         TOKEN_NBD_TCP => self.accept_tcp(),
                         TOKEN_CONTROL => self.accept_control(),
                         TOKEN_METRICS => self.accept_metrics(),
+                        TOKEN_SERIAL => self.read_serial(),
                         _ => log::error!("epoll: unknown token {token}"),
                     },
                 }
@@ -550,6 +716,7 @@ impl Runtime {
             }
             self.expire_controls(now);
             self.drain_outputs();
+            self.flush_serial_log();
             if terminate {
                 return self.shutdown();
             }
