@@ -164,17 +164,12 @@ fn run(mut parser: lexopt::Parser) -> Result<u8, Failure> {
         return Ok(exit::OK);
     };
     let config = load_config(&path)?;
-    if !config.is_standalone() {
-        return Err(Failure {
-            code: exit::CONFIG,
-            message: format!(
-                "{}: [peer]: mirroring to a peer is not available in this build yet; remove \
-                 [peer] to run a standalone node",
-                path.display()
-            ),
-        });
-    }
-    crate::logger::install(&config.node.name, "standalone");
+    let role = if config.is_standalone() {
+        "standalone"
+    } else {
+        "secondary"
+    };
+    crate::logger::install(&config.node.name, role);
     let failure = |e: runtime::StartError| Failure {
         code: e.exit_code(),
         message: e.to_string(),

@@ -13,6 +13,8 @@ use crate::console::{self, Command, CommandError};
 use crate::nbd::{
     ConnId, ExportInfo, Head, Server, ServerCounters, ServerOutput, VolumeDone, VolumeRequest,
 };
+use crate::peer::link::{LinkConn, LinkOutput, LinkSettings, LinkState, PeerLinks};
+use crate::peer::{LinkKind, Role as LinkRole, PEER_NONCE_BYTES};
 use crate::time::Instant;
 use crate::wire::nbd::errno;
 use tandem_board::{DiskCompletion, DiskDone, DiskRequest, IoBuf};
@@ -78,6 +80,10 @@ pub enum Output {
     Disk { tag: u64, request: DiskRequest },
     /// Close a client connection once its queued bytes are sent.
     Close { conn: ConnId },
+    /// Send bytes on a link to the peer.
+    LinkSend { conn: LinkConn, bytes: Vec<u8> },
+    /// Close a link connection (the runtime reconnects).
+    LinkClose { conn: LinkConn },
 }
 
 /// Progress of the current or most recent resync.
@@ -173,6 +179,8 @@ pub struct Node {
     server: Server,
     started_at: Instant,
     now: Instant,
+    /// The links to the peer, when one is configured.
+    peer: Option<PeerLinks>,
 }
 
 impl Node {
@@ -189,6 +197,27 @@ impl Node {
             server: Server::new(export),
             started_at: now,
             now,
+            peer: None,
+        }
+    }
+
+    /// A node with a peer. It starts as a secondary whose disk is `consistent` (whole, freshness
+    /// unknown) and refuses NBD clients until the pair decides who serves. Mirroring itself is
+    /// not built yet (docs/REPLICATION.md): today the node brings up and keeps up its
+    /// authenticated links and reports them.
+    pub fn new_paired(settings: NodeSettings, links: LinkSettings, now: Instant) -> Node {
+        let export = ExportInfo {
+            size_bytes: settings.volume_bytes,
+            is_serving: false,
+        };
+        Node {
+            settings,
+            role: Role::Secondary,
+            disk: DiskState::Consistent,
+            server: Server::new(export),
+            started_at: now,
+            now,
+            peer: Some(PeerLinks::new(links)),
         }
     }
 
@@ -196,21 +225,61 @@ impl Node {
 
     /// The node's status now.
     pub fn status(&self) -> Status {
+        let (peer, links, not_ready_reasons, warnings) = match &self.peer {
+            None => (
+                PeerState::None,
+                LinkStates {
+                    heartbeat: "none",
+                    lan: "none",
+                },
+                vec!["no peer configured (standalone node)".to_string()],
+                Vec::new(),
+            ),
+            Some(peer) => {
+                let heartbeat = peer.state(LinkKind::Heartbeat);
+                let lan = peer.state(LinkKind::Lan);
+                let connected = peer.is_connected();
+                let state = if connected {
+                    PeerState::Connected
+                } else {
+                    PeerState::Lost
+                };
+                let mut reasons = Vec::new();
+                if !connected {
+                    reasons.push("peer lost".to_string());
+                }
+                reasons.push("mirroring is not built yet: both nodes stay secondary".to_string());
+                let mut warnings = Vec::new();
+                if connected && heartbeat != LinkState::Up {
+                    warnings.push(
+                        "heartbeat link down: the peer is reached over the lan only".to_string(),
+                    );
+                }
+                if connected && lan != LinkState::Up {
+                    warnings.push(
+                        "lan link to the peer down: reached over the heartbeat link only"
+                            .to_string(),
+                    );
+                }
+                let links = LinkStates {
+                    heartbeat: heartbeat.name(),
+                    lan: lan.name(),
+                };
+                (state, links, reasons, warnings)
+            }
+        };
         Status {
             node: self.settings.name.clone(),
             role: self.role,
             disk: self.disk,
-            peer: PeerState::None,
-            links: LinkStates {
-                heartbeat: "none",
-                lan: "none",
-            },
+            peer,
+            links,
             uplink: "unknown",
             epoch: 0,
             auto_failover: false,
             ready_for_failover: false,
-            not_ready_reasons: vec!["no peer configured (standalone node)".to_string()],
-            warnings: Vec::new(),
+            not_ready_reasons,
+            warnings,
             sync: SyncProgress::default(),
             volume_bytes: self.settings.volume_bytes,
             backing: self.settings.backing.clone(),
@@ -223,7 +292,11 @@ impl Node {
 
     /// The earliest instant at which `handle_timeout` should run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.server.poll_timeout()
+        let links = self.peer.as_ref().and_then(PeerLinks::poll_timeout);
+        match (self.server.poll_timeout(), links) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Requests in flight (the runtime waits for zero before a clean exit).
@@ -237,6 +310,37 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
         self.server.handle_timeout(now);
+        if let Some(peer) = self.peer.as_mut() {
+            peer.handle_timeout(now);
+        }
+    }
+
+    /// A TCP connection to the peer opened on `link` (`Initiator` when this node connected).
+    /// `nonce` is 32 fresh random bytes. Returns `None` when no peer is configured.
+    pub fn handle_link_connected(
+        &mut self,
+        link: LinkKind,
+        role: LinkRole,
+        nonce: [u8; PEER_NONCE_BYTES],
+        now: Instant,
+    ) -> Option<LinkConn> {
+        self.now = now;
+        Some(self.peer.as_mut()?.handle_connected(link, role, nonce, now))
+    }
+
+    /// Bytes from the peer on a link connection.
+    pub fn handle_link_bytes(&mut self, conn: LinkConn, bytes: &[u8], now: Instant) {
+        self.now = now;
+        if let Some(peer) = self.peer.as_mut() {
+            peer.handle_bytes(conn, bytes, now);
+        }
+    }
+
+    /// A link connection ended.
+    pub fn handle_link_closed(&mut self, conn: LinkConn) {
+        if let Some(peer) = self.peer.as_mut() {
+            peer.handle_closed(conn);
+        }
     }
 
     /// A client connected; `None` means close it at once (every slot is taken).
@@ -312,10 +416,17 @@ impl Node {
                 ok: true,
                 text: console::help_text().to_string(),
             },
-            Ok(command) => CommandReply {
+            Ok(command) if self.peer.is_none() => CommandReply {
                 ok: false,
                 text: format!(
                     "{}: not available on a standalone node (no [peer] configured)",
+                    command.name()
+                ),
+            },
+            Ok(command) => CommandReply {
+                ok: false,
+                text: format!(
+                    "{}: not available yet: mirroring is not built in this version",
                     command.name()
                 ),
             },
@@ -339,6 +450,12 @@ impl Node {
 
     /// The next thing for the runtime to do.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(output) = self.peer.as_mut().and_then(PeerLinks::poll_output) {
+            return Some(match output {
+                LinkOutput::Send { conn, bytes } => Output::LinkSend { conn, bytes },
+                LinkOutput::Close { conn } => Output::LinkClose { conn },
+            });
+        }
         let output = self.server.poll_output()?;
         Some(match output {
             ServerOutput::Send { conn, head, data } => Output::Send { conn, head, data },

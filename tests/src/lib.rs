@@ -303,6 +303,12 @@ pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A TCP port on `ip` that nothing listens on right now.
+pub fn free_port(ip: &str) -> u16 {
+    let listener = std::net::TcpListener::bind((ip, 0)).expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
 /// The paths and settings of one standalone node; [`NodeConfig::to_toml`] renders the config.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

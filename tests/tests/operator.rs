@@ -7,12 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use tandem_tests::{run_with_timeout, NodeConfig, TempDir, COMMAND_TIMEOUT, SYSTEM_PYTHON};
 
-/// A port on loopback that nothing listens on right now.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
-}
-
 fn scrape(port: u16) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
     stream
@@ -64,7 +58,7 @@ fn metrics_are_served_in_prometheus_text_format_and_count_io() {
         return;
     }
     let dir = TempDir::new("metrics");
-    let port = free_port();
+    let port = tandem_tests::free_port("127.0.0.1");
     let mut config = NodeConfig::standalone(dir.path(), "nas-m");
     config.extra_toml = format!("\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
     config.create_backing(tandem_tests::BACKING_BYTES_DEFAULT);
@@ -113,7 +107,9 @@ fn events_list_the_start_up_with_timestamps() {
         "events: {lines:?}"
     );
     assert!(
-        lines.iter().any(|l| l.contains("serving volume")),
+        lines
+            .iter()
+            .any(|l| l.contains("started (node=nas-e role=standalone")),
         "events: {lines:?}"
     );
     // "YYYY-MM-DD HH:MM:SS.mmm level text"

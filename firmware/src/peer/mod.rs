@@ -99,6 +99,7 @@
 //! Confirm replayed into a new connection fails as [`HandshakeError::WrongKey`], and a recorded
 //! session frame fails to open.
 
+pub mod link;
 mod secure;
 
 use std::collections::VecDeque;

@@ -8,6 +8,7 @@
 //! submitted once per turn). A client whose bytes the node could not take (back-pressure) is
 //! offered them again after disk completions; its socket is not read meanwhile.
 
+mod peer;
 pub mod volume;
 
 use crate::config::Config;
@@ -79,6 +80,8 @@ const TOKEN_METRICS: u64 = 6;
 const TOKEN_SERIAL: u64 = 7;
 const TOKEN_CLIENT: u64 = 1 << 32;
 const TOKEN_CONTROL_CLIENT: u64 = 2 << 32;
+const TOKEN_LINK_LISTEN: u64 = 3 << 32;
+const TOKEN_LINK: u64 = 4 << 32;
 const TOKEN_KIND_MASK: u64 = !0xffff_ffff;
 
 /// A client's socket is watched edge-triggered for input; output readiness is asked for only
@@ -351,6 +354,7 @@ pub struct Runtime {
     metrics: Option<TcpListener>,
     config: Config,
     serial: Option<SerialConsole>,
+    peer: Option<peer::PeerSockets>,
     clients: Vec<Option<Client>>,
     controls: Vec<Option<ControlClient>>,
     /// Clients with replies queued since the last flush.
@@ -371,6 +375,14 @@ impl Runtime {
         // Sockets first: a node that would fail because another one already serves here must
         // not touch the disk at all.
         let sockets = Sockets::bind(config)?;
+        let peer_sockets =
+            match peer::PeerSockets::bind(config).and_then(|p| Ok((p, peer::read_key(config)?))) {
+                Ok(bound) => bound,
+                Err(e) => {
+                    sockets.remove();
+                    return Err(e);
+                }
+            };
         let opened = Self::open_volume(config);
         let (disk, mut volume) = match opened {
             Ok(opened) => opened,
@@ -399,7 +411,22 @@ impl Runtime {
             backing: config.volume.backing.display().to_string(),
             volume_bytes: volume.layout.volume_bytes,
         };
-        let node = Node::new_standalone(settings, now());
+        let (peer_sockets, key) = peer_sockets;
+        let node = match (&config.peer, key) {
+            (Some(peer), Some(key)) => {
+                let links = crate::peer::link::LinkSettings {
+                    key,
+                    node_name: config.node.name.clone(),
+                    peer_name: peer.name.clone(),
+                    volume_id: volume.superblock.volume_id,
+                    heartbeat_interval_ms: u64::from(config.cluster.heartbeat_interval_ms),
+                    dead_time_ms: u64::from(config.cluster.dead_time_ms),
+                };
+                log::warn!("mirroring is not built yet: this node brings up its links to {} and stays secondary", peer.name);
+                Node::new_paired(settings, links, now())
+            }
+            _ => Node::new_standalone(settings, now()),
+        };
         let runtime = Runtime {
             node,
             disk,
@@ -413,6 +440,7 @@ impl Runtime {
             metrics,
             config: config.clone(),
             serial: None,
+            peer: peer_sockets,
             clients: (0..NBD_CONNECTION_COUNT_MAX + NBD_REFUSED_CONNECTION_COUNT_MAX)
                 .map(|_| None)
                 .collect(),
@@ -427,9 +455,14 @@ impl Runtime {
             runtime.remove_sockets();
             return Err(StartError::Internal(format!("epoll: {e}")));
         }
+        let status = runtime.node.status();
         log::info!(
-            "serving volume (node={} role=standalone volume_bytes={} nbd_socket={})",
-            config.node.name,
+            "started (node={} role={} volume_bytes={} nbd_socket={})",
+            status.node,
+            serde_json::to_value(status.role)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
             runtime.volume.layout.volume_bytes,
             config.volume.nbd_socket.display()
         );
@@ -642,6 +675,7 @@ impl Runtime {
             let token = epoll::EventData::new_u64(TOKEN_SERIAL);
             epoll::add(&self.epoll, serial.port.as_fd(), token, level)?;
         }
+        self.register_peer()?;
         Ok(())
     }
 
@@ -693,6 +727,8 @@ impl Runtime {
                         }
                     }
                     TOKEN_CONTROL_CLIENT => self.read_control((token & 0xffff_ffff) as usize),
+                    TOKEN_LINK_LISTEN => self.accept_link((token & 1) as usize),
+                    TOKEN_LINK => self.service_link((token & 1) as usize, flags),
                     _ => match token {
                         TOKEN_SIGNAL => {
                             while let Some(signo) = self.signals.take() {
@@ -714,6 +750,7 @@ impl Runtime {
             if self.node.poll_timeout().is_some_and(|t| t <= now) {
                 self.node.handle_timeout(now);
             }
+            self.maintain_links(now);
             self.expire_controls(now);
             self.drain_outputs();
             self.flush_serial_log();
@@ -725,12 +762,14 @@ impl Runtime {
 
     fn next_timeout(&self) -> Option<u64> {
         let now = now();
-        let node = self.node.poll_timeout();
-        let control = self.controls.iter().flatten().map(|c| c.deadline).min();
-        let next = match (node, control) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }?;
+        let next = [
+            self.node.poll_timeout(),
+            self.controls.iter().flatten().map(|c| c.deadline).min(),
+            self.peer.as_ref().and_then(peer::PeerSockets::poll_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
         Some(next.millis_since(now))
     }
 
@@ -971,6 +1010,8 @@ impl Runtime {
                         }
                     }
                     Output::Disk { tag, request } => self.disk.push(tag, request),
+                    Output::LinkSend { conn, bytes } => self.send_link(conn, bytes),
+                    Output::LinkClose { conn } => self.close_link(conn),
                 }
             }
             if let Err(e) = self.disk.submit() {

@@ -1,0 +1,613 @@
+//! The node's two links to its peer (the heartbeat cable and the lan), as the core sees them.
+//!
+//! Each link is at most one TCP connection at a time, which is either handshaking (`Handshake`)
+//! or up (an authenticated `Session`). The runtime owns the sockets: it reports a connection
+//! (`handle_connected`), its bytes and its end, and carries out `LinkOutput`s. While a link is up,
+//! a keepalive frame goes out every heartbeat interval; a link that hears nothing for the dead
+//! time is closed, and the runtime reconnects it. Refusals (a wrong key, another protocol
+//! version, a stranger's name) close the connection and are logged once per change of reason,
+//! so a peer that keeps retrying with the wrong key does not flood the events.
+//!
+//! Replication messages will ride on the same sessions (see docs/REPLICATION.md); today the
+//! only frame kind after the handshake is the keepalive.
+
+use super::{
+    frame_kind, Established, FrameDecoder, Handshake, HandshakeConfig, HandshakeError, LinkKind,
+    Role, Session, PEER_KEY_BYTES, PEER_NONCE_BYTES, PEER_VOLUME_ID_BYTES,
+};
+use crate::time::Instant;
+use std::collections::VecDeque;
+
+/// The keepalive frame: no header, no payload; that it opens proves the peer is alive.
+pub const FRAME_KEEPALIVE: u8 = frame_kind::APPLICATION_MIN;
+
+/// A handshake that has not finished in this long is abandoned.
+pub const LINK_HANDSHAKE_TIMEOUT_MS: u64 = 2_000;
+
+/// One connection on one link; the generation tells a new connection from an old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkConn {
+    /// The link.
+    pub link: LinkKind,
+    /// Bumped for every connection on this link.
+    pub generation: u32,
+}
+
+/// A link's state, for `status` and `links`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// No connection.
+    Down,
+    /// Connected, handshake under way.
+    Connecting,
+    /// Authenticated and alive.
+    Up,
+}
+
+impl LinkState {
+    /// The word `status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            LinkState::Down => "down",
+            LinkState::Connecting => "connecting",
+            LinkState::Up => "up",
+        }
+    }
+}
+
+/// What the links ask of the runtime.
+#[derive(Debug)]
+pub enum LinkOutput {
+    /// Send these bytes on the connection.
+    Send { conn: LinkConn, bytes: Vec<u8> },
+    /// Close the connection (the runtime reconnects later).
+    Close { conn: LinkConn },
+}
+
+/// What the links need to know, from the config and the volume.
+#[derive(Clone)]
+pub struct LinkSettings {
+    /// The cluster key.
+    pub key: [u8; PEER_KEY_BYTES],
+    /// This node's name.
+    pub node_name: String,
+    /// The peer's name, as configured; anyone else is refused.
+    pub peer_name: String,
+    /// This node's volume identity.
+    pub volume_id: [u8; PEER_VOLUME_ID_BYTES],
+    /// How often a keepalive goes out.
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a link is dead.
+    pub dead_time_ms: u64,
+}
+
+impl std::fmt::Debug for LinkSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSettings")
+            .field("node_name", &self.node_name)
+            .field("peer_name", &self.peer_name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+enum Link {
+    Down,
+    Handshaking {
+        conn: LinkConn,
+        handshake: Box<Handshake>,
+        started_at: Instant,
+    },
+    Up {
+        conn: LinkConn,
+        session: Box<Session>,
+        decoder: FrameDecoder,
+        last_heard: Instant,
+        next_keepalive: Instant,
+    },
+}
+
+/// Both links to the peer.
+#[derive(Debug)]
+pub struct PeerLinks {
+    settings: LinkSettings,
+    links: [Link; 2],
+    generations: [u32; 2],
+    /// The last refusal logged per link, so a retry loop logs it once.
+    last_refusal: [Option<String>; 2],
+    /// The peer's volume identity, from the last handshake.
+    peer_volume_id: Option<[u8; PEER_VOLUME_ID_BYTES]>,
+    last_heard: Option<Instant>,
+    outputs: VecDeque<LinkOutput>,
+}
+
+fn index(link: LinkKind) -> usize {
+    match link {
+        LinkKind::Heartbeat => 0,
+        LinkKind::Lan => 1,
+    }
+}
+
+impl PeerLinks {
+    /// Both links down.
+    pub fn new(settings: LinkSettings) -> PeerLinks {
+        PeerLinks {
+            settings,
+            links: [Link::Down, Link::Down],
+            generations: [0, 0],
+            last_refusal: [None, None],
+            peer_volume_id: None,
+            last_heard: None,
+            outputs: VecDeque::new(),
+        }
+    }
+
+    // ---- getters -------------------------------------------------------------------------
+
+    /// The state of one link.
+    pub fn state(&self, link: LinkKind) -> LinkState {
+        match self.links[index(link)] {
+            Link::Down => LinkState::Down,
+            Link::Handshaking { .. } => LinkState::Connecting,
+            Link::Up { .. } => LinkState::Up,
+        }
+    }
+
+    /// True when at least one link is up.
+    pub fn is_connected(&self) -> bool {
+        self.links.iter().any(|l| matches!(l, Link::Up { .. }))
+    }
+
+    /// When a frame last arrived from the peer on any link.
+    pub fn last_heard(&self) -> Option<Instant> {
+        self.last_heard
+    }
+
+    /// The peer's volume identity, once a handshake has told it.
+    pub fn peer_volume_id(&self) -> Option<[u8; PEER_VOLUME_ID_BYTES]> {
+        self.peer_volume_id
+    }
+
+    /// The earliest instant at which `handle_timeout` has something to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.links
+            .iter()
+            .filter_map(|link| match link {
+                Link::Down => None,
+                Link::Handshaking { started_at, .. } => {
+                    Some(started_at.plus_millis(LINK_HANDSHAKE_TIMEOUT_MS))
+                }
+                Link::Up {
+                    last_heard,
+                    next_keepalive,
+                    ..
+                } => {
+                    Some((*next_keepalive).min(last_heard.plus_millis(self.settings.dead_time_ms)))
+                }
+            })
+            .min()
+    }
+
+    /// The next thing for the runtime to do.
+    pub fn poll_output(&mut self) -> Option<LinkOutput> {
+        self.outputs.pop_front()
+    }
+
+    // ---- inputs --------------------------------------------------------------------------
+
+    /// A TCP connection on `link` is open (this node connected: `Initiator`; accepted:
+    /// `Responder`). Any older connection on the link is closed. Returns the connection's id.
+    pub fn handle_connected(
+        &mut self,
+        link: LinkKind,
+        role: Role,
+        nonce: [u8; PEER_NONCE_BYTES],
+        now: Instant,
+    ) -> LinkConn {
+        let i = index(link);
+        if let Some(old) = self.conn(link) {
+            self.outputs.push_back(LinkOutput::Close { conn: old });
+        }
+        self.generations[i] = self.generations[i].wrapping_add(1);
+        let conn = LinkConn {
+            link,
+            generation: self.generations[i],
+        };
+        let config = HandshakeConfig {
+            key: &self.settings.key,
+            node_name: &self.settings.node_name,
+            volume_id: self.settings.volume_id,
+            link,
+            nonce,
+        };
+        match Handshake::new(role, config) {
+            Ok(mut handshake) => {
+                while let Some(bytes) = handshake.poll_transmit() {
+                    self.outputs.push_back(LinkOutput::Send { conn, bytes });
+                }
+                self.links[i] = Link::Handshaking {
+                    conn,
+                    handshake: Box::new(handshake),
+                    started_at: now,
+                };
+            }
+            Err(e) => {
+                // The config check refuses such names; this is only reached by a bug.
+                log::error!("peer: cannot start a handshake (error={e})");
+                self.links[i] = Link::Down;
+                self.outputs.push_back(LinkOutput::Close { conn });
+            }
+        }
+        conn
+    }
+
+    /// Bytes arrived on a connection.
+    pub fn handle_bytes(&mut self, conn: LinkConn, bytes: &[u8], now: Instant) {
+        if self.conn(conn.link) != Some(conn) {
+            return;
+        }
+        let i = index(conn.link);
+        let mut at = 0;
+        if let Link::Handshaking { handshake, .. } = &mut self.links[i] {
+            let result = handshake.handle_bytes(bytes);
+            while let Some(frame) = handshake.poll_transmit() {
+                self.outputs
+                    .push_back(LinkOutput::Send { conn, bytes: frame });
+            }
+            match result {
+                Err(e) => {
+                    self.refuse(conn, &refusal_text(&e));
+                    return;
+                }
+                Ok(n) if handshake.is_established() => {
+                    at = n;
+                    self.establish(conn, now);
+                }
+                Ok(_) => return,
+            }
+        }
+        while at < bytes.len() {
+            let Link::Up {
+                session,
+                decoder,
+                last_heard,
+                ..
+            } = &mut self.links[i]
+            else {
+                return;
+            };
+            let taken = match decoder.handle_bytes(&bytes[at..]) {
+                Ok(taken) => taken,
+                Err(e) => {
+                    self.close(conn, &format!("bad frame from the peer ({e})"));
+                    return;
+                }
+            };
+            at += taken;
+            let Some(frame) = decoder.poll_frame() else {
+                continue;
+            };
+            match session.open_in_place(frame) {
+                Ok((FRAME_KEEPALIVE, _)) => {
+                    *last_heard = now;
+                    self.last_heard = Some(now);
+                }
+                Ok((kind, _)) => {
+                    // A kind this build does not know: a newer peer. Heard, but not acted on.
+                    *last_heard = now;
+                    self.last_heard = Some(now);
+                    log::debug!("peer: ignoring a frame of unknown kind {kind:#x}");
+                }
+                Err(e) => {
+                    // A frame that does not authenticate (forged, replayed, reordered) ends
+                    // the session; the next connection has new keys.
+                    self.close(conn, &format!("a frame failed to authenticate ({e})"));
+                    return;
+                }
+            }
+            if taken == 0 {
+                break;
+            }
+        }
+    }
+
+    /// The connection ended (reset, EOF, or the runtime gave up on it).
+    pub fn handle_closed(&mut self, conn: LinkConn) {
+        if self.conn(conn.link) != Some(conn) {
+            return;
+        }
+        let was_up = matches!(self.links[index(conn.link)], Link::Up { .. });
+        self.links[index(conn.link)] = Link::Down;
+        if was_up {
+            log::warn!(
+                "peer link down (link={} reason=connection closed)",
+                conn.link
+            );
+        }
+    }
+
+    /// Time passed: keepalives go out, silent links and stuck handshakes are closed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..2 {
+            match &mut self.links[i] {
+                Link::Down => {}
+                Link::Handshaking {
+                    conn, started_at, ..
+                } => {
+                    if now.millis_since(*started_at) >= LINK_HANDSHAKE_TIMEOUT_MS {
+                        let conn = *conn;
+                        self.refuse(conn, "the peer did not finish the handshake in time");
+                    }
+                }
+                Link::Up {
+                    conn,
+                    session,
+                    last_heard,
+                    next_keepalive,
+                    ..
+                } => {
+                    let conn = *conn;
+                    if now.millis_since(*last_heard) >= self.settings.dead_time_ms {
+                        let dead_ms = now.millis_since(*last_heard);
+                        self.close(conn, &format!("nothing heard for {dead_ms} ms"));
+                        continue;
+                    }
+                    if now >= *next_keepalive {
+                        let mut bytes = Vec::new();
+                        match session.seal(FRAME_KEEPALIVE, &[], &[], &mut bytes) {
+                            Ok(()) => self.outputs.push_back(LinkOutput::Send { conn, bytes }),
+                            Err(e) => {
+                                self.close(conn, &format!("cannot seal a keepalive ({e})"));
+                                continue;
+                            }
+                        }
+                        if let Link::Up { next_keepalive, .. } = &mut self.links[i] {
+                            *next_keepalive = now.plus_millis(self.settings.heartbeat_interval_ms);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- internals -----------------------------------------------------------------------
+
+    fn conn(&self, link: LinkKind) -> Option<LinkConn> {
+        match &self.links[index(link)] {
+            Link::Down => None,
+            Link::Handshaking { conn, .. } | Link::Up { conn, .. } => Some(*conn),
+        }
+    }
+
+    fn establish(&mut self, conn: LinkConn, now: Instant) {
+        let i = index(conn.link);
+        let Link::Handshaking { handshake, .. } = std::mem::replace(&mut self.links[i], Link::Down)
+        else {
+            return;
+        };
+        let Some((session, established)) = handshake.into_session() else {
+            self.refuse(conn, "the handshake ended without a session");
+            return;
+        };
+        let Established {
+            peer_name,
+            peer_volume_id,
+            ..
+        } = established;
+        if peer_name != self.settings.peer_name {
+            let reason = format!(
+                "the node that answered is '{peer_name}', not the configured peer '{}'",
+                self.settings.peer_name
+            );
+            self.refuse(conn, &reason);
+            return;
+        }
+        if self.peer_volume_id != Some(peer_volume_id) && peer_volume_id != self.settings.volume_id
+        {
+            log::info!(
+                "peer volume identity differs from ours (link={} peer={peer_name}); pairing decides",
+                conn.link
+            );
+        }
+        self.peer_volume_id = Some(peer_volume_id);
+        self.last_refusal[i] = None;
+        self.last_heard = Some(now);
+        self.links[i] = Link::Up {
+            conn,
+            session: Box::new(session),
+            decoder: FrameDecoder::for_session(),
+            last_heard: now,
+            // The first keepalive goes out at once: it tells the peer this side is up too.
+            next_keepalive: now,
+        };
+        log::info!("peer link up (link={} peer={peer_name})", conn.link);
+        self.handle_timeout(now);
+    }
+
+    /// Ends a handshake that failed; logs the reason once per change.
+    fn refuse(&mut self, conn: LinkConn, reason: &str) {
+        let i = index(conn.link);
+        self.links[i] = Link::Down;
+        self.outputs.push_back(LinkOutput::Close { conn });
+        if self.last_refusal[i].as_deref() != Some(reason) {
+            log::warn!("peer refused (link={} reason={reason})", conn.link);
+            self.last_refusal[i] = Some(reason.to_string());
+        }
+    }
+
+    /// Ends a session.
+    fn close(&mut self, conn: LinkConn, reason: &str) {
+        self.links[index(conn.link)] = Link::Down;
+        self.outputs.push_back(LinkOutput::Close { conn });
+        log::warn!("peer link down (link={} reason={reason})", conn.link);
+    }
+}
+
+/// A refusal as the operator reads it.
+fn refusal_text(error: &HandshakeError) -> String {
+    match error {
+        HandshakeError::WrongKey => {
+            "the peer does not hold the same cluster key (check [peer] key_file on both nodes)"
+                .to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 32] = [7; 32];
+
+    fn settings(node: &str, peer: &str, key: [u8; 32]) -> LinkSettings {
+        LinkSettings {
+            key,
+            node_name: node.to_string(),
+            peer_name: peer.to_string(),
+            volume_id: [1; 16],
+            heartbeat_interval_ms: 100,
+            dead_time_ms: 1000,
+        }
+    }
+
+    /// Moves every Send output of `from` on `conn_from` into `to` on `conn_to`.
+    fn pump(from: &mut PeerLinks, to: &mut PeerLinks, conn_to: LinkConn, now: Instant) -> usize {
+        let mut moved = 0;
+        let mut closes = 0;
+        while let Some(output) = from.poll_output() {
+            match output {
+                LinkOutput::Send { bytes, .. } => {
+                    moved += bytes.len();
+                    to.handle_bytes(conn_to, &bytes, now);
+                }
+                LinkOutput::Close { .. } => closes += 1,
+            }
+        }
+        moved + closes
+    }
+
+    fn connect(
+        a: &mut PeerLinks,
+        b: &mut PeerLinks,
+        link: LinkKind,
+        now: Instant,
+    ) -> (LinkConn, LinkConn) {
+        let ca = a.handle_connected(link, Role::Initiator, [1; 32], now);
+        let cb = b.handle_connected(link, Role::Responder, [2; 32], now);
+        for _ in 0..4 {
+            pump(a, b, cb, now);
+            pump(b, a, ca, now);
+        }
+        (ca, cb)
+    }
+
+    #[test]
+    fn both_links_come_up_with_the_same_key() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
+        let now = Instant::from_millis(0);
+        connect(&mut a, &mut b, LinkKind::Heartbeat, now);
+        connect(&mut a, &mut b, LinkKind::Lan, now);
+        for links in [&a, &b] {
+            assert_eq!(links.state(LinkKind::Heartbeat), LinkState::Up);
+            assert_eq!(links.state(LinkKind::Lan), LinkState::Up);
+            assert!(links.is_connected());
+        }
+    }
+
+    #[test]
+    fn a_wrong_key_is_refused_and_closed_on_both_sides() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-b", "nas-a", [8; 32]));
+        let now = Instant::from_millis(0);
+        connect(&mut a, &mut b, LinkKind::Heartbeat, now);
+        assert_eq!(a.state(LinkKind::Heartbeat), LinkState::Down);
+        assert_eq!(b.state(LinkKind::Heartbeat), LinkState::Down);
+        assert!(a.last_refusal[0]
+            .as_deref()
+            .is_some_and(|r| r.contains("cluster key")));
+    }
+
+    #[test]
+    fn a_stranger_is_refused_even_with_the_key() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-x", "nas-a", KEY));
+        connect(&mut a, &mut b, LinkKind::Lan, Instant::from_millis(0));
+        assert_eq!(a.state(LinkKind::Lan), LinkState::Down);
+        assert!(a.last_refusal[1]
+            .as_deref()
+            .is_some_and(|r| r.contains("nas-x")));
+    }
+
+    #[test]
+    fn keepalives_keep_a_link_up_and_silence_takes_it_down() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
+        let (ca, cb) = connect(&mut a, &mut b, LinkKind::Heartbeat, Instant::from_millis(0));
+        // Three seconds of keepalives both ways, 100 ms apart.
+        for ms in (100..=3000).step_by(100) {
+            let now = Instant::from_millis(ms);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            pump(&mut a, &mut b, cb, now);
+            pump(&mut b, &mut a, ca, now);
+        }
+        assert_eq!(a.state(LinkKind::Heartbeat), LinkState::Up);
+        assert_eq!(a.last_heard(), Some(Instant::from_millis(3000)));
+        // Then b falls silent: a gives up after the dead time, not before.
+        a.handle_timeout(Instant::from_millis(3999));
+        assert_eq!(a.state(LinkKind::Heartbeat), LinkState::Up);
+        a.handle_timeout(Instant::from_millis(4000));
+        assert_eq!(a.state(LinkKind::Heartbeat), LinkState::Down);
+        assert!(matches!(
+            a.poll_output(),
+            Some(LinkOutput::Send { .. }) | Some(LinkOutput::Close { .. })
+        ));
+    }
+
+    #[test]
+    fn a_forged_frame_ends_the_session() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
+        let (ca, _) = connect(&mut a, &mut b, LinkKind::Lan, Instant::from_millis(0));
+        // A well-framed frame whose ciphertext is garbage.
+        let mut forged = vec![0, 0, 0, 18, FRAME_KEEPALIVE];
+        forged.extend_from_slice(&[0x5a; 17]);
+        a.handle_bytes(ca, &forged, Instant::from_millis(10));
+        assert_eq!(a.state(LinkKind::Lan), LinkState::Down);
+    }
+
+    #[test]
+    fn a_new_connection_replaces_the_old_one_and_stale_bytes_are_ignored() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let now = Instant::from_millis(0);
+        let first = a.handle_connected(LinkKind::Heartbeat, Role::Responder, [3; 32], now);
+        let second = a.handle_connected(LinkKind::Heartbeat, Role::Responder, [4; 32], now);
+        assert_ne!(first, second);
+        let closes: Vec<LinkConn> = std::iter::from_fn(|| a.poll_output())
+            .filter_map(|o| match o {
+                LinkOutput::Close { conn } => Some(conn),
+                LinkOutput::Send { .. } => None,
+            })
+            .collect();
+        assert_eq!(closes, vec![first]);
+        a.handle_bytes(first, b"garbage", now);
+        assert_eq!(a.state(LinkKind::Heartbeat), LinkState::Connecting);
+    }
+
+    #[test]
+    fn a_handshake_that_stalls_is_abandoned() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        a.handle_connected(
+            LinkKind::Lan,
+            Role::Initiator,
+            [5; 32],
+            Instant::from_millis(0),
+        );
+        a.handle_timeout(Instant::from_millis(LINK_HANDSHAKE_TIMEOUT_MS - 1));
+        assert_eq!(a.state(LinkKind::Lan), LinkState::Connecting);
+        a.handle_timeout(Instant::from_millis(LINK_HANDSHAKE_TIMEOUT_MS));
+        assert_eq!(a.state(LinkKind::Lan), LinkState::Down);
+    }
+}
