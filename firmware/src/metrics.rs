@@ -2,6 +2,33 @@
 //! [`Status`]. Pure: the runtime serves the text over HTTP.
 
 use crate::node::Status;
+
+/// Upper bounds of the latency buckets, in milliseconds (the last bucket is +Inf).
+pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// A fixed-size latency histogram (Prometheus style: per-bucket counts, sum and count).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencyHistogram {
+    /// Requests that took at most `LATENCY_BUCKETS_MS[i]` (not cumulative; +Inf is the last).
+    pub buckets: [u64; LATENCY_BUCKETS_MS.len() + 1],
+    /// Sum of all latencies, in milliseconds.
+    pub sum_ms: u64,
+    /// Requests recorded.
+    pub count: u64,
+}
+
+impl LatencyHistogram {
+    /// Records one request that took `ms` milliseconds.
+    pub fn record(&mut self, ms: u64) {
+        let bucket = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|le| ms <= *le)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.buckets[bucket] += 1;
+        self.sum_ms = self.sum_ms.saturating_add(ms);
+        self.count += 1;
+    }
+}
 use std::fmt::Write;
 
 fn json_name<T: serde::Serialize>(value: &T) -> String {
@@ -89,6 +116,26 @@ pub fn render(status: &Status) -> String {
         "gauge",
         "1 when automatic failover is configured and not suspended.",
         &[("", flag(status.auto_failover))],
+    );
+    let rtts: Vec<(String, f64)> = [
+        ("heartbeat", status.link_rtt_ms.heartbeat),
+        ("lan", status.link_rtt_ms.lan),
+    ]
+    .iter()
+    .filter_map(|(link, rtt)| rtt.map(|ms| (format!("link=\"{link}\""), ms as f64 / 1000.0)))
+    .collect();
+    let rtt_samples: Vec<(&str, f64)> = rtts.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    out.metric(
+        "link_rtt_seconds",
+        "gauge",
+        "The last round-trip time measured on each link that is up.",
+        &rtt_samples,
+    );
+    out.metric(
+        "maintenance",
+        "gauge",
+        "1 while the operator has suspended automatic failover.",
+        &[("", flag(status.maintenance))],
     );
     out.metric(
         "ready_for_failover",
@@ -179,5 +226,58 @@ pub fn render(status: &Status) -> String {
             ("outcome=\"refused\"", io.connections_refused as f64),
         ],
     );
+    let _ = writeln!(out.text, "# HELP tandem_nbd_request_duration_seconds NBD request latency, admission to completion, by kind.");
+    let _ = writeln!(
+        out.text,
+        "# TYPE tandem_nbd_request_duration_seconds histogram"
+    );
+    for (kind, histogram) in [
+        ("read", &io.latency_read),
+        ("write", &io.latency_write),
+        ("flush", &io.latency_flush),
+    ] {
+        let mut cumulative = 0;
+        for (i, count) in histogram.buckets.iter().enumerate() {
+            cumulative += count;
+            let le = LATENCY_BUCKETS_MS
+                .get(i)
+                .map_or("+Inf".to_string(), |ms| format!("{}", *ms as f64 / 1000.0));
+            let _ = writeln!(
+                out.text,
+                "tandem_nbd_request_duration_seconds_bucket{{node=\"{}\",kind=\"{kind}\",le=\"{le}\"}} {cumulative}",
+                out.node
+            );
+        }
+        let _ = writeln!(
+            out.text,
+            "tandem_nbd_request_duration_seconds_sum{{node=\"{}\",kind=\"{kind}\"}} {}",
+            out.node,
+            histogram.sum_ms as f64 / 1000.0
+        );
+        let _ = writeln!(
+            out.text,
+            "tandem_nbd_request_duration_seconds_count{{node=\"{}\",kind=\"{kind}\"}} {}",
+            out.node, histogram.count
+        );
+    }
     out.text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_land_in_the_first_bucket_that_holds_them() {
+        let mut histogram = LatencyHistogram::default();
+        for ms in [0, 1, 2, 3, 7000] {
+            histogram.record(ms);
+        }
+        assert_eq!(histogram.buckets[0], 2); // 0 and 1 ms: le 1 ms
+        assert_eq!(histogram.buckets[1], 1); // 2 ms: le 2 ms
+        assert_eq!(histogram.buckets[2], 1); // 3 ms: le 5 ms
+        assert_eq!(histogram.buckets[LATENCY_BUCKETS_MS.len()], 1); // 7 s: +Inf
+        assert_eq!(histogram.count, 5);
+        assert_eq!(histogram.sum_ms, 7006);
+    }
 }

@@ -13,7 +13,7 @@ use crate::console::{self, Command, CommandError};
 use crate::nbd::{
     ConnId, ExportInfo, Head, Server, ServerCounters, ServerOutput, VolumeDone, VolumeRequest,
 };
-use crate::peer::link::{LinkConn, LinkOutput, LinkSettings, LinkState, PeerLinks};
+use crate::peer::link::{LinkConn, LinkInfo, LinkOutput, LinkSettings, LinkState, PeerLinks};
 use crate::peer::{LinkKind, Role as LinkRole, PEER_NONCE_BYTES};
 use crate::time::Instant;
 use crate::wire::nbd::errno;
@@ -104,6 +104,15 @@ pub struct LinkStates {
     pub lan: &'static str,
 }
 
+/// Round-trip times of both links (absent while a link is down or not yet measured).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LinkRtts {
+    /// The heartbeat cable.
+    pub heartbeat: Option<u64>,
+    /// The lan.
+    pub lan: Option<u64>,
+}
+
 /// Everything `status` reports (INTERFACE.md names the JSON fields).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Status {
@@ -117,12 +126,16 @@ pub struct Status {
     pub peer: PeerState,
     /// Both links.
     pub links: LinkStates,
+    /// The last round-trip time measured on each link, in milliseconds.
+    pub link_rtt_ms: LinkRtts,
     /// The lan uplink: "healthy", "down" or "unknown".
     pub uplink: &'static str,
     /// The role epoch.
     pub epoch: u64,
     /// Whether automatic failover is configured and not suspended.
     pub auto_failover: bool,
+    /// The operator suspended automatic failover (`maintenance on`).
+    pub maintenance: bool,
     /// Whether a failover could happen right now.
     pub ready_for_failover: bool,
     /// Why not.
@@ -181,6 +194,8 @@ pub struct Node {
     now: Instant,
     /// The links to the peer, when one is configured.
     peer: Option<PeerLinks>,
+    /// The operator suspended automatic failover (not persisted: a restart resumes it).
+    maintenance: bool,
 }
 
 impl Node {
@@ -198,6 +213,7 @@ impl Node {
             started_at: now,
             now,
             peer: None,
+            maintenance: false,
         }
     }
 
@@ -218,6 +234,7 @@ impl Node {
             started_at: now,
             now,
             peer: Some(PeerLinks::new(links)),
+            maintenance: false,
         }
     }
 
@@ -225,7 +242,7 @@ impl Node {
 
     /// The node's status now.
     pub fn status(&self) -> Status {
-        let (peer, links, not_ready_reasons, warnings) = match &self.peer {
+        let (peer, links, mut not_ready_reasons, warnings) = match &self.peer {
             None => (
                 PeerState::None,
                 LinkStates {
@@ -268,7 +285,16 @@ impl Node {
                 (state, links, reasons, warnings)
             }
         };
+        if self.maintenance {
+            not_ready_reasons.push("maintenance mode: automatic failover suspended".to_string());
+        }
+        let rtt = |link| self.link_info(link).and_then(|i| i.rtt_ms);
         Status {
+            link_rtt_ms: LinkRtts {
+                heartbeat: rtt(LinkKind::Heartbeat),
+                lan: rtt(LinkKind::Lan),
+            },
+            maintenance: self.maintenance,
             node: self.settings.name.clone(),
             role: self.role,
             disk: self.disk,
@@ -297,6 +323,11 @@ impl Node {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// One link to the peer, for `links` (`None` without a peer).
+    pub fn link_info(&self, link: LinkKind) -> Option<LinkInfo> {
+        Some(self.peer.as_ref()?.info(link, self.now))
     }
 
     /// Requests in flight (the runtime waits for zero before a clean exit).
@@ -350,7 +381,9 @@ impl Node {
     }
 
     /// Bytes from a client; returns how many were consumed (see [`Server::handle_bytes`]).
-    pub fn handle_client_bytes(&mut self, conn: ConnId, bytes: &[u8]) -> usize {
+    pub fn handle_client_bytes(&mut self, conn: ConnId, bytes: &[u8], now: Instant) -> usize {
+        self.now = now;
+        self.server.set_now(now);
         self.server.handle_bytes(conn, bytes)
     }
 
@@ -361,7 +394,9 @@ impl Node {
     }
 
     /// Bytes were read into the buffer from [`Node::payload_target`].
-    pub fn handle_payload_received(&mut self, conn: ConnId, n: usize) {
+    pub fn handle_payload_received(&mut self, conn: ConnId, n: usize, now: Instant) {
+        self.now = now;
+        self.server.set_now(now);
         self.server.handle_payload_received(conn, n);
     }
 
@@ -371,7 +406,9 @@ impl Node {
     }
 
     /// A disk request finished.
-    pub fn handle_disk_completion(&mut self, completion: DiskCompletion) {
+    pub fn handle_disk_completion(&mut self, completion: DiskCompletion, now: Instant) {
+        self.now = now;
+        self.server.set_now(now);
         let origin = completion.tag >> TAG_ORIGIN_SHIFT;
         assert_eq!(
             origin, TAG_ORIGIN_CLIENT,
@@ -412,6 +449,26 @@ impl Node {
                 ok: true,
                 text: console::render_status(&self.status()),
             },
+            Ok(Command::Maintenance(on)) => {
+                if on != self.maintenance {
+                    self.maintenance = on;
+                    let state = if on {
+                        "on: automatic failover suspended"
+                    } else {
+                        "off"
+                    };
+                    log::warn!("maintenance mode {state}");
+                }
+                let text = if on {
+                    "maintenance on: automatic failover is suspended until 'maintenance off'"
+                } else {
+                    "maintenance off"
+                };
+                CommandReply {
+                    ok: true,
+                    text: text.to_string(),
+                }
+            }
             Ok(Command::Help) => CommandReply {
                 ok: true,
                 text: console::help_text().to_string(),

@@ -93,6 +93,19 @@ fn metrics_are_served_in_prometheus_text_format_and_count_io() {
     assert_eq!(after["tandem_nbd_bytes_total{direction=write}"], 131072.0);
     assert!(after["tandem_nbd_requests_total{kind=flush}"].as_f64() >= Some(1.0));
     assert!(after["tandem_nbd_connections_total{outcome=accepted}"].as_f64() >= Some(1.0));
+    // Both writes are in the write latency histogram: +Inf counts every one.
+    assert_eq!(
+        after["tandem_nbd_request_duration_seconds_bucket{kind=write,le=+Inf}"],
+        2.0
+    );
+    assert_eq!(
+        after["tandem_nbd_request_duration_seconds_count{kind=write}"],
+        2.0
+    );
+    assert_eq!(
+        before["tandem_nbd_request_duration_seconds_count{kind=write}"],
+        0.0
+    );
 }
 
 #[test]

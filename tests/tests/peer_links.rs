@@ -104,7 +104,48 @@ fn both_links_come_up_and_a_secondary_refuses_nbd() {
             out.stdout
         );
     }
+    // `links` shows both cables with their addresses; a round trip is measured within a few
+    // keepalives.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let links = loop {
+        let out = a.ctl(&["--json", "links"]);
+        out.assert_success("ctl --json links");
+        let links: serde_json::Value = serde_json::from_str(&out.stdout).expect("links JSON");
+        if links[0]["rtt_ms"].is_u64() && links[1]["rtt_ms"].is_u64() {
+            break links;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no round trip measured: {links:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(links[0]["link"], "heartbeat");
+    assert_eq!(links[0]["state"], "up");
+    assert_eq!(links[0]["remote"], format!("{B_IP}:{}", ports.heartbeat));
+    assert_eq!(links[1]["remote"], format!("{B_IP}:{}", ports.lan));
+    let text = a.ctl(&["links"]).stdout;
+    assert!(
+        text.contains("heartbeat") && text.contains("rtt:"),
+        "{text}"
+    );
+
+    // Maintenance shows in readiness, in status and in the events, and goes away again.
+    a.ctl(&["maintenance", "on"])
+        .assert_success("maintenance on");
+    let status = a.status_json();
+    assert_eq!(status["maintenance"], true);
+    assert_eq!(status["auto_failover"], false);
+    let reasons = status["not_ready_reasons"].to_string();
+    assert!(reasons.contains("maintenance"), "{reasons}");
+    a.ctl(&["maintenance", "off"])
+        .assert_success("maintenance off");
+    assert_eq!(a.status_json()["maintenance"], false);
+    let reasons = a.status_json()["not_ready_reasons"].to_string();
+    assert!(!reasons.contains("maintenance"), "{reasons}");
+
     let events = a.ctl(&["events"]).stdout;
+    assert!(events.contains("maintenance mode on"), "{events}");
     assert!(
         events.contains("peer link up (link=heartbeat peer=nas-b)"),
         "{events}"

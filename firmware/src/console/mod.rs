@@ -27,6 +27,10 @@ pub enum Command {
     Events,
     /// Show the running configuration (secrets masked).
     Config,
+    /// Show both links to the peer.
+    Links,
+    /// Suspend (`true`) or resume automatic failover.
+    Maintenance(bool),
 }
 
 impl Command {
@@ -41,6 +45,8 @@ impl Command {
             Command::Verify => "verify",
             Command::Events => "events",
             Command::Config => "config",
+            Command::Links => "links",
+            Command::Maintenance(_) => "maintenance",
         }
     }
 }
@@ -98,6 +104,15 @@ pub fn parse(line: &str) -> Result<Command, CommandError> {
         "verify" => no_args(Command::Verify, "verify"),
         "events" => no_args(Command::Events, "events"),
         "config" => no_args(Command::Config, "config"),
+        "links" => no_args(Command::Links, "links"),
+        "maintenance" => match args {
+            ["on"] => Ok(Command::Maintenance(true)),
+            ["off"] => Ok(Command::Maintenance(false)),
+            _ => Err(CommandError::BadArguments {
+                command: "maintenance",
+                usage: "maintenance on|off",
+            }),
+        },
         "promote" => match args {
             ["--force"] => Ok(Command::PromoteForce),
             _ => Err(CommandError::BadArguments {
@@ -128,6 +143,8 @@ resolve-split-brain --keep NODE   after a split brain, keep NODE's data
 verify                            compare both copies of the volume online
 events                            recent events
 config                            the running configuration
+links                             both links to the peer: state, last frame, round trip
+maintenance on|off                suspend or resume automatic failover
 help                              this list"
 }
 
@@ -224,6 +241,13 @@ mod tests {
         assert_eq!(parse("verify"), Ok(Command::Verify));
         assert_eq!(parse("events"), Ok(Command::Events));
         assert_eq!(parse("config"), Ok(Command::Config));
+        assert_eq!(parse("links"), Ok(Command::Links));
+        assert_eq!(parse("maintenance on"), Ok(Command::Maintenance(true)));
+        assert_eq!(parse("maintenance off"), Ok(Command::Maintenance(false)));
+        assert!(matches!(
+            parse("maintenance"),
+            Err(CommandError::BadArguments { .. })
+        ));
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::constants::{
     NBD_HANDSHAKE_TIMEOUT_MS, NBD_OPTION_PAYLOAD_BYTES_MAX, NBD_OPTION_SKIP_BYTES_MAX,
     NBD_PAYLOAD_BYTES_MAX, NBD_REFUSED_CONNECTION_COUNT_MAX, NBD_REQUESTS_PER_CONNECTION_MAX,
 };
+use crate::metrics::LatencyHistogram;
 use crate::time::Instant;
 use crate::wire::nbd::{self as wire, command, command_flags, errno, option, option_reply};
 use std::collections::VecDeque;
@@ -170,6 +171,15 @@ pub struct ServerCounters {
     pub errors: u64,
     /// Connections closed for a protocol violation.
     pub protocol_violations: u64,
+    /// Latency of reads, admission to completion.
+    #[serde(skip)]
+    pub latency_read: LatencyHistogram,
+    /// Latency of writes (payload received to completion).
+    #[serde(skip)]
+    pub latency_write: LatencyHistogram,
+    /// Latency of flushes.
+    #[serde(skip)]
+    pub latency_flush: LatencyHistogram,
 }
 
 #[derive(Debug)]
@@ -245,6 +255,8 @@ struct InFlight {
     may_deallocate: bool,
     /// A write's buffer while its payload is being received.
     buf: Option<IoBuf>,
+    /// When it was admitted (for a write: when its payload was complete).
+    started_at: Instant,
 }
 
 /// The NBD server: sessions, requests in flight, buffers.
@@ -258,6 +270,8 @@ pub struct Server {
     pool: BufferPool,
     outputs: VecDeque<ServerOutput>,
     counters: ServerCounters,
+    /// The time of the latest input, for latencies.
+    now: Instant,
 }
 
 /// How a transmission request is answered when it cannot be carried out.
@@ -279,6 +293,7 @@ impl Server {
             pool: BufferPool::new(),
             outputs: VecDeque::new(),
             counters: ServerCounters::default(),
+            now: Instant::default(),
         }
     }
 
@@ -315,6 +330,11 @@ impl Server {
     /// in transmission are not affected; the node closes them when it stops serving.
     pub fn set_export(&mut self, export: ExportInfo) {
         self.export = export;
+    }
+
+    /// The time now, for the latencies of requests admitted and finished from here on.
+    pub fn set_now(&mut self, now: Instant) {
+        self.now = self.now.max(now);
     }
 
     /// Gives back a buffer that was sent (or could not be).
@@ -552,12 +572,15 @@ impl Server {
         };
         match done {
             VolumeDone::Buf(buf) if alive => {
+                let latency_ms = self.now.millis_since(flight.started_at);
                 if flight.kind == IoKind::Read {
+                    self.counters.latency_read.record(latency_ms);
                     self.counters.reads += 1;
                     self.counters.read_bytes += buf.len() as u64;
                     self.reply_read(conn, flight.cookie, flight.offset, buf);
                 } else {
                     self.counters.writes += 1;
+                    self.counters.latency_write.record(latency_ms);
                     self.counters.written_bytes += buf.len() as u64;
                     self.pool.give_back(buf);
                     self.reply_ok(conn, flight.cookie);
@@ -567,6 +590,8 @@ impl Server {
             VolumeDone::Done if alive => {
                 if flight.kind == IoKind::Flush {
                     self.counters.flushes += 1;
+                    let latency_ms = self.now.millis_since(flight.started_at);
+                    self.counters.latency_flush.record(latency_ms);
                 }
                 self.reply_ok(conn, flight.cookie);
             }
@@ -1130,6 +1155,7 @@ impl Server {
             fua,
             may_deallocate: request.flags & command_flags::NO_HOLE == 0,
             buf,
+            started_at: self.now,
         };
         let io = self.new_io(flight);
         if is_write {
@@ -1143,9 +1169,11 @@ impl Server {
 
     /// Emits the volume request for the request in flight at `io`.
     fn issue(&mut self, io: usize) {
+        let now = self.now;
         let Some(flight) = self.ios[io].as_mut() else {
             unreachable!("issue of a free slot")
         };
+        flight.started_at = now;
         let (offset, len, fua) = (flight.offset, u64::from(flight.length), flight.fua);
         let request = match flight.kind {
             IoKind::Read => {

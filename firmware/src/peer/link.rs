@@ -18,8 +18,14 @@ use super::{
 use crate::time::Instant;
 use std::collections::VecDeque;
 
-/// The keepalive frame: no header, no payload; that it opens proves the peer is alive.
+/// The keepalive frame. That it opens proves the peer is alive; its 24-byte header (three
+/// little-endian u64: the sender's clock in ms, the last peer clock value it received, and how
+/// long it held that value before this send) gives the round-trip time without synchronised
+/// clocks: `rtt = now - echo - held`, all on the receiver's own clock.
 pub const FRAME_KEEPALIVE: u8 = frame_kind::APPLICATION_MIN;
+
+/// Bytes of the keepalive header.
+const KEEPALIVE_HEADER_BYTES: usize = 24;
 
 /// A handshake that has not finished in this long is abandoned.
 pub const LINK_HANDSHAKE_TIMEOUT_MS: u64 = 2_000;
@@ -104,7 +110,23 @@ enum Link {
         decoder: FrameDecoder,
         last_heard: Instant,
         next_keepalive: Instant,
+        /// The peer's clock in its last keepalive (0 = none yet) and when that arrived.
+        peer_clock_ms: u64,
+        peer_clock_heard: Instant,
+        /// The last round-trip time measured.
+        rtt_ms: Option<u64>,
     },
+}
+
+/// What `links` shows of one link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Down, connecting or up.
+    pub state: LinkState,
+    /// Milliseconds since the last frame on this link (while up).
+    pub last_frame_age_ms: Option<u64>,
+    /// The last round-trip time measured (while up).
+    pub rtt_ms: Option<u64>,
 }
 
 /// Both links to the peer.
@@ -150,6 +172,24 @@ impl PeerLinks {
             Link::Down => LinkState::Down,
             Link::Handshaking { .. } => LinkState::Connecting,
             Link::Up { .. } => LinkState::Up,
+        }
+    }
+
+    /// What `links` shows of one link at `now`.
+    pub fn info(&self, link: LinkKind, now: Instant) -> LinkInfo {
+        match &self.links[index(link)] {
+            Link::Up {
+                last_heard, rtt_ms, ..
+            } => LinkInfo {
+                state: LinkState::Up,
+                last_frame_age_ms: Some(now.millis_since(*last_heard)),
+                rtt_ms: *rtt_ms,
+            },
+            _ => LinkInfo {
+                state: self.state(link),
+                last_frame_age_ms: None,
+                rtt_ms: None,
+            },
         }
     }
 
@@ -271,6 +311,9 @@ impl PeerLinks {
                 session,
                 decoder,
                 last_heard,
+                peer_clock_ms,
+                peer_clock_heard,
+                rtt_ms,
                 ..
             } = &mut self.links[i]
             else {
@@ -288,9 +331,25 @@ impl PeerLinks {
                 continue;
             };
             match session.open_in_place(frame) {
-                Ok((FRAME_KEEPALIVE, _)) => {
+                Ok((FRAME_KEEPALIVE, body)) => {
                     *last_heard = now;
                     self.last_heard = Some(now);
+                    if let Some(header) = body.get(..KEEPALIVE_HEADER_BYTES) {
+                        let field = |k: usize| {
+                            let mut b = [0u8; 8];
+                            b.copy_from_slice(&header[8 * k..8 * k + 8]);
+                            u64::from_le_bytes(b)
+                        };
+                        let (sent, echo, held) = (field(0), field(1), field(2));
+                        *peer_clock_ms = sent;
+                        *peer_clock_heard = now;
+                        let elapsed = now.as_millis().checked_sub(echo);
+                        if echo != 0 {
+                            // A peer that claims to have held it longer than the round trip
+                            // took is lying or confused: no measurement.
+                            *rtt_ms = elapsed.and_then(|e| e.checked_sub(held));
+                        }
+                    }
                 }
                 Ok((kind, _)) => {
                     // A kind this build does not know: a newer peer. Heard, but not acted on.
@@ -344,6 +403,8 @@ impl PeerLinks {
                     session,
                     last_heard,
                     next_keepalive,
+                    peer_clock_ms,
+                    peer_clock_heard,
                     ..
                 } => {
                     let conn = *conn;
@@ -353,8 +414,16 @@ impl PeerLinks {
                         continue;
                     }
                     if now >= *next_keepalive {
+                        let mut header = [0u8; KEEPALIVE_HEADER_BYTES];
+                        // A clock value of 0 means "none": the origin is never sent.
+                        header[0..8].copy_from_slice(&now.as_millis().max(1).to_le_bytes());
+                        if *peer_clock_ms != 0 {
+                            let held = now.millis_since(*peer_clock_heard);
+                            header[8..16].copy_from_slice(&peer_clock_ms.to_le_bytes());
+                            header[16..24].copy_from_slice(&held.to_le_bytes());
+                        }
                         let mut bytes = Vec::new();
-                        match session.seal(FRAME_KEEPALIVE, &[], &[], &mut bytes) {
+                        match session.seal(FRAME_KEEPALIVE, &header, &[], &mut bytes) {
                             Ok(()) => self.outputs.push_back(LinkOutput::Send { conn, bytes }),
                             Err(e) => {
                                 self.close(conn, &format!("cannot seal a keepalive ({e})"));
@@ -419,6 +488,9 @@ impl PeerLinks {
             last_heard: now,
             // The first keepalive goes out at once: it tells the peer this side is up too.
             next_keepalive: now,
+            peer_clock_ms: 0,
+            peer_clock_heard: now,
+            rtt_ms: None,
         };
         log::info!("peer link up (link={} peer={peer_name})", conn.link);
         self.handle_timeout(now);
@@ -564,6 +636,31 @@ mod tests {
             a.poll_output(),
             Some(LinkOutput::Send { .. }) | Some(LinkOutput::Close { .. })
         ));
+    }
+
+    #[test]
+    fn keepalive_echoes_measure_the_round_trip_on_each_side() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
+        let (ca, cb) = connect(&mut a, &mut b, LinkKind::Lan, Instant::from_millis(1000));
+        assert_eq!(
+            a.info(LinkKind::Lan, Instant::from_millis(1000)).rtt_ms,
+            None
+        );
+        // a's keepalive at 1100 reaches b 7 ms later; b answers at 1150, it reaches a 7 ms later.
+        a.handle_timeout(Instant::from_millis(1100));
+        pump(&mut a, &mut b, cb, Instant::from_millis(1107));
+        b.handle_timeout(Instant::from_millis(1150));
+        pump(&mut b, &mut a, ca, Instant::from_millis(1157));
+        let info = a.info(LinkKind::Lan, Instant::from_millis(1160));
+        assert_eq!(info.state, LinkState::Up);
+        assert_eq!(info.rtt_ms, Some(14));
+        assert_eq!(info.last_frame_age_ms, Some(3));
+        assert_eq!(
+            a.info(LinkKind::Heartbeat, Instant::from_millis(1160))
+                .state,
+            LinkState::Down
+        );
     }
 
     #[test]

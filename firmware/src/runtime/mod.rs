@@ -848,9 +848,11 @@ impl Runtime {
             };
             if client.in_start < client.in_end {
                 let conn = client.conn;
-                let taken = self
-                    .node
-                    .handle_client_bytes(conn, &client.inbuf[client.in_start..client.in_end]);
+                let taken = self.node.handle_client_bytes(
+                    conn,
+                    &client.inbuf[client.in_start..client.in_end],
+                    now(),
+                );
                 client.in_start += taken;
                 if client.in_start == client.in_end {
                     client.in_start = 0;
@@ -895,7 +897,7 @@ impl Runtime {
                                 return;
                             }
                             Ok(n) => {
-                                self.node.handle_payload_received(conn, n);
+                                self.node.handle_payload_received(conn, n, now());
                                 if n < want {
                                     if let Some(client) = self.clients[slot].as_mut() {
                                         client.readable = false;
@@ -966,7 +968,7 @@ impl Runtime {
     fn reap_disk(&mut self) {
         let mut reaped = false;
         while let Some(completion) = self.disk.poll_completion() {
-            self.node.handle_disk_completion(completion);
+            self.node.handle_disk_completion(completion, now());
             reaped = true;
         }
         if reaped && !self.blocked.is_empty() {
@@ -1020,7 +1022,7 @@ impl Runtime {
             // Disk requests that completed inline (page-cache hits) are answered in this turn.
             let mut reaped = false;
             while let Some(completion) = self.disk.poll_completion() {
-                self.node.handle_disk_completion(completion);
+                self.node.handle_disk_completion(completion, now());
                 reaped = true;
             }
             if !reaped {
@@ -1176,6 +1178,66 @@ impl Runtime {
         });
     }
 
+    /// `links`: both links with their addresses, state, last frame and round-trip time.
+    fn links_reply(&self, json: bool) -> CommandReply {
+        let Some(peer) = &self.config.peer else {
+            let text = "links: no peer configured (standalone node)".to_string();
+            return CommandReply { ok: false, text };
+        };
+        let rows: Vec<(
+            &str,
+            crate::config::LinkAddrs,
+            Option<crate::peer::link::LinkInfo>,
+        )> = vec![
+            (
+                "heartbeat",
+                peer.heartbeat,
+                self.node.link_info(crate::peer::LinkKind::Heartbeat),
+            ),
+            (
+                "lan",
+                peer.lan,
+                self.node.link_info(crate::peer::LinkKind::Lan),
+            ),
+        ];
+        if json {
+            let list: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(name, addrs, info)| {
+                    serde_json::json!({
+                        "link": name,
+                        "local": addrs.local.to_string(),
+                        "remote": addrs.remote.to_string(),
+                        "state": info.map_or("down", |i| i.state.name()),
+                        "carrier": "unknown",
+                        "last_frame_ms": info.and_then(|i| i.last_frame_age_ms),
+                        "rtt_ms": info.and_then(|i| i.rtt_ms),
+                    })
+                })
+                .collect();
+            return CommandReply {
+                ok: true,
+                text: serde_json::Value::Array(list).to_string(),
+            };
+        }
+        let mut text = String::new();
+        for (name, addrs, info) in rows {
+            let state = info.map_or("down", |i| i.state.name());
+            let last = info
+                .and_then(|i| i.last_frame_age_ms)
+                .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+            let rtt = info
+                .and_then(|i| i.rtt_ms)
+                .map_or("-".to_string(), |ms| format!("{ms} ms"));
+            text.push_str(&format!(
+                "{name:9} {state:10} {} -> {}  last frame: {last}  rtt: {rtt}  carrier: unknown\n",
+                addrs.local, addrs.remote
+            ));
+        }
+        text.pop();
+        CommandReply { ok: true, text }
+    }
+
     /// Runs one console command, from `ctl` or the serial console. The runtime answers what only
     /// it knows (recent events, the running configuration); the node answers the rest.
     fn execute(&mut self, line: &str, json: bool) -> CommandReply {
@@ -1196,6 +1258,7 @@ impl Runtime {
                     }
                 }
             }
+            Ok(Command::Links) => self.links_reply(json),
             Ok(Command::Config) => {
                 let text = self.config.to_masked_toml();
                 CommandReply {
