@@ -260,6 +260,11 @@ impl LinuxDisk {
         std::os::unix::fs::FileExt::read_exact_at(&self.buffered, buf, offset)
     }
 
+    /// Makes every completed write durable, synchronously (shutdown only).
+    pub fn flush_sync(&self) -> std::io::Result<()> {
+        self.buffered.sync_data()
+    }
+
     /// Writes synchronously and makes the write durable (start-up and metadata only).
     pub fn write_at_sync(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
         std::os::unix::fs::FileExt::write_all_at(&self.buffered, buf, offset)?;
@@ -268,7 +273,26 @@ impl LinuxDisk {
 
     /// Queues a request; its completion carries `tag`. Nothing reaches the kernel until
     /// [`LinuxDisk::submit`].
-    pub fn push(&mut self, tag: u64, request: DiskRequest) {
+    pub fn push(&mut self, tag: u64, mut request: DiskRequest) {
+        if let DiskRequest::Discard { offset, len, .. } = &mut request {
+            if self.is_block_device {
+                // A block device discards whole logical blocks only (EINVAL otherwise); the
+                // parts of blocks at either end are kept, which a hint allows.
+                let align = IO_ALIGN as u64;
+                let start = offset.div_ceil(align) * align;
+                let end = (*offset + *len) / align * align;
+                if end <= start {
+                    let done = DiskCompletion {
+                        tag,
+                        result: Ok(DiskDone::Done),
+                        buf: None,
+                    };
+                    self.ready.push_back(done);
+                    return;
+                }
+                (*offset, *len) = (start, end - start);
+            }
+        }
         if let DiskRequest::MapExtents { offset, len } = request {
             let result = self.map_extents(offset, len);
             self.ready.push_back(DiskCompletion {
@@ -512,7 +536,9 @@ impl LinuxDisk {
         if res < 0 {
             let errno = -res;
             match (&slot.request, slot.stage) {
-                (DiskRequest::Discard { fua, .. }, Stage::Main) if errno == libc::EOPNOTSUPP => {
+                (DiskRequest::Discard { fua, .. }, Stage::Main)
+                    if errno == libc::EOPNOTSUPP || errno == libc::EINVAL =>
+                {
                     // A discard is a hint: a filesystem without hole punching keeps the data.
                     if *fua {
                         next_stage = Some(Stage::Sync);
@@ -671,5 +697,16 @@ fn seek(fd: BorrowedFd<'_>, pos: u64, whence: i32) -> Result<Option<u64>, DiskEr
         Err(e) => Err(DiskError {
             errno: e.raw_os_error(),
         }),
+    }
+}
+
+impl Drop for LinuxDisk {
+    fn drop(&mut self) {
+        if self.in_flight() > 0 {
+            // The kernel may still read or write these buffers after the ring is closed (its
+            // teardown finishes asynchronously): leaking them is the only safe choice, and it
+            // happens only when the process is about to exit anyway.
+            std::mem::forget(std::mem::take(&mut self.slots));
+        }
     }
 }

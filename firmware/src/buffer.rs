@@ -7,7 +7,10 @@
 //! until earlier ones finish. One request of any admissible size always fits when nothing else is
 //! in flight, so the largest payload can never wedge a connection.
 
-use crate::constants::{BUFFER_CACHE_BYTES_MAX, IN_FLIGHT_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX};
+use crate::constants::{
+    BUFFER_CACHE_BYTES_MAX, IN_FLIGHT_BYTES_MAX, NBD_PAYLOAD_BYTES_MAX, SMALL_REQUEST_BYTES_MAX,
+    SMALL_REQUEST_RESERVE_BYTES,
+};
 use tandem_board::IoBuf;
 
 /// Smallest size class (and the granularity of O_DIRECT transfers).
@@ -45,10 +48,17 @@ impl BufferPool {
         (rounded / CLASS_MIN_BYTES).trailing_zeros() as usize
     }
 
-    /// True if a buffer of `len` bytes may be taken now.
+    /// True if a buffer of `len` bytes may be taken now. Small requests have a reserve on top
+    /// of the budget that large ones never use, so a client sitting on large replies it does
+    /// not read cannot stall everybody's small I/O.
     pub fn can_take(&self, len: usize) -> bool {
         let class_bytes = CLASS_MIN_BYTES << Self::class_of(len);
-        self.in_flight_bytes == 0 || self.in_flight_bytes + class_bytes <= IN_FLIGHT_BYTES_MAX
+        let limit = if len <= SMALL_REQUEST_BYTES_MAX {
+            IN_FLIGHT_BYTES_MAX + SMALL_REQUEST_RESERVE_BYTES
+        } else {
+            IN_FLIGHT_BYTES_MAX
+        };
+        self.in_flight_bytes == 0 || self.in_flight_bytes + class_bytes <= limit
     }
 
     /// Takes a buffer of length `len`, counting it against the budget.
@@ -131,6 +141,9 @@ mod tests {
         assert!(pool.can_take(NBD_PAYLOAD_BYTES_MAX as usize));
         let big = pool.take(NBD_PAYLOAD_BYTES_MAX as usize);
         assert!(!pool.can_take(IN_FLIGHT_BYTES_MAX));
+        // The small-request reserve is still open while a large request holds the budget.
+        assert!(pool.can_take(4096));
+        assert!(!pool.can_take(SMALL_REQUEST_BYTES_MAX + 1));
         pool.give_back(big);
         let mut held = Vec::new();
         while pool.can_take(1 << 20) {

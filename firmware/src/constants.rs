@@ -26,6 +26,12 @@ pub const IO_IN_FLIGHT_COUNT_MAX: usize = 1024;
 /// alone).
 pub const IN_FLIGHT_BYTES_MAX: usize = 32 << 20;
 
+/// Requests up to this size are "small": they may use the reserve below.
+pub const SMALL_REQUEST_BYTES_MAX: usize = 128 << 10;
+
+/// Bytes of buffers beyond [`IN_FLIGHT_BYTES_MAX`] that only small requests may use.
+pub const SMALL_REQUEST_RESERVE_BYTES: usize = 4 << 20;
+
 /// Bytes of idle buffers kept for reuse.
 pub const BUFFER_CACHE_BYTES_MAX: usize = 16 << 20;
 

@@ -325,6 +325,11 @@ impl Node {
         }
     }
 
+    /// The connection that is a link's session (or its only handshake), if any.
+    pub fn link_current_conn(&self, link: LinkKind) -> Option<LinkConn> {
+        self.peer.as_ref()?.current_conn(link)
+    }
+
     /// One link to the peer, for `links` (`None` without a peer).
     pub fn link_info(&self, link: LinkKind) -> Option<LinkInfo> {
         Some(self.peer.as_ref()?.info(link, self.now))

@@ -1003,3 +1003,30 @@ fn multi_conn_flush_and_fua_make_writes_visible_on_every_connection() {
         Ok(two)
     );
 }
+
+/// Back-pressure without lost wakeups, and fairness against clients that do not read their
+/// replies (tests/python/backpressure.py says what each check is).
+#[test]
+fn queued_requests_complete_and_non_reading_clients_do_not_stall_others() {
+    if !tandem_tests::require_python_nbd() {
+        return;
+    }
+    let dir = TempDir::new("backpressure");
+    let node = Node::start(&dir, "nas-bp");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/backpressure.py");
+    let out = tandem_tests::run_with_timeout(
+        std::process::Command::new(tandem_tests::SYSTEM_PYTHON).args([
+            script,
+            &node.nbd_socket().display().to_string(),
+            &node.pid().to_string(),
+        ]),
+        std::time::Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "back-pressure checks failed:\n{}\n{}\n--- node\n{}",
+        out.stdout,
+        out.stderr,
+        node.stderr_log()
+    );
+}

@@ -225,3 +225,41 @@ fn garbage_on_a_link_port_changes_nothing() {
     wait_status(&b, "links recover on the listener", links_up);
     assert!(b.is_running(), "garbage killed the listening node");
 }
+
+#[test]
+fn silent_connections_from_the_peers_address_do_not_take_the_links_down() {
+    let dir = TempDir::new("pair-silent");
+    let key = dir.join("cluster.key");
+    write_key(&key, 0x66);
+    let ports = ports();
+    let a = Node::spawn(pair_config(dir.path(), "a", "b", &ports, &key));
+    let b = Node::spawn(pair_config(dir.path(), "b", "a", &ports, &key));
+    wait_status(&b, "links up", links_up);
+    // Connections that come from nas-a's address but never authenticate: each is only a
+    // candidate next to the live session, and the live session stays.
+    let mut intruders = Vec::new();
+    for _ in 0..6 {
+        for port in [ports.heartbeat, ports.lan] {
+            let socket = socket2_free_connect(A_IP, B_IP, port);
+            intruders.push(socket);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let status = b.status_json();
+        assert!(
+            links_up(&status),
+            "an intruder took a link down: {status:#}"
+        );
+    }
+    assert!(links_up(&a.status_json()));
+}
+
+/// Connects from `from` (any port) to `to:port` with a plain blocking socket.
+fn socket2_free_connect(from: &str, to: &str, port: u16) -> std::net::TcpStream {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
+    let local: std::net::SocketAddr = format!("{from}:0").parse().expect("addr");
+    rustix::net::bind(&fd, &local).expect("bind");
+    let remote: std::net::SocketAddr = format!("{to}:{port}").parse().expect("addr");
+    rustix::net::connect(&fd, &remote).expect("connect");
+    std::net::TcpStream::from(fd)
+}

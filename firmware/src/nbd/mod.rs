@@ -53,10 +53,16 @@ pub struct ConnId {
     pub generation: u32,
 }
 
-/// Up to 32 bytes sent before a reply's data (a reply header, a chunk header).
+/// Bytes a [`Head`] holds: every transmission header, and every handshake reply this server
+/// sends, fit, so the handshake never takes a buffer from the pool (a client flooding options
+/// must not spend the budget other clients' data needs).
+pub const HEAD_BYTES_MAX: usize = 128;
+
+/// Up to [`HEAD_BYTES_MAX`] bytes sent before a reply's data (a reply header, a chunk header, a
+/// whole handshake reply).
 #[derive(Clone, Copy)]
 pub struct Head {
-    bytes: [u8; 32],
+    bytes: [u8; HEAD_BYTES_MAX],
     len: u8,
 }
 
@@ -69,7 +75,7 @@ impl std::fmt::Debug for Head {
 impl Head {
     /// No bytes.
     pub const EMPTY: Head = Head {
-        bytes: [0; 32],
+        bytes: [0; HEAD_BYTES_MAX],
         len: 0,
     };
 
@@ -606,8 +612,8 @@ impl Server {
                     self.pool.give_back(buf);
                 }
                 if alive {
-                    let is_read = flight.kind == IoKind::Read;
-                    self.reply_error(conn, flight.cookie, error, is_read);
+                    let chunked = matches!(flight.kind, IoKind::Read | IoKind::MapExtents { .. });
+                    self.reply_error(conn, flight.cookie, error, chunked);
                 }
             }
         }
@@ -639,7 +645,7 @@ impl Server {
     /// Sends a buffer built from `parts` (handshake replies, whose size varies).
     fn send_bytes(&mut self, conn: ConnId, parts: &[&[u8]]) {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        if len <= 32 {
+        if len <= HEAD_BYTES_MAX {
             let head = Head::from_parts(parts);
             self.send(conn, head, None);
             return;
@@ -843,7 +849,8 @@ impl Server {
                 if no_zeroes {
                     self.send_bytes(conn, &[&reply]);
                 } else {
-                    self.send_bytes(conn, &[&reply, &[0u8; wire::EXPORT_NAME_PADDING_LEN]]);
+                    self.send_bytes(conn, &[&reply]);
+                    self.send_bytes(conn, &[&[0u8; wire::EXPORT_NAME_PADDING_LEN]]);
                 }
             }
             option::ABORT => {
@@ -1046,8 +1053,9 @@ impl Server {
                 }
             }
             Verdict::Reject(error) => {
-                let is_read = request.command == command::READ;
-                self.reply_error(conn, request.cookie, error, is_read);
+                // Reads and block status are answered in chunks once structured replies are on.
+                let chunked = matches!(request.command, command::READ | command::BLOCK_STATUS);
+                self.reply_error(conn, request.cookie, error, chunked);
             }
             Verdict::Accept => self.accept(conn, &request),
         }
@@ -1209,11 +1217,13 @@ impl Server {
         self.send(conn, Head::from_parts(&[&header]), None);
     }
 
-    fn reply_error(&mut self, conn: ConnId, cookie: u64, error: u32, is_read: bool) {
+    /// Answers a request with an error; `chunked` for the commands whose replies must be
+    /// structured once structured replies were negotiated (READ, BLOCK_STATUS).
+    fn reply_error(&mut self, conn: ConnId, cookie: u64, error: u32, chunked: bool) {
         self.counters.errors += 1;
         let structured = matches!(self.session_mut(conn), Some(s) if s.structured_replies);
-        if structured && is_read {
-            // A structured read must be answered with chunks: one error chunk, no message.
+        if structured && chunked {
+            // Answered with chunks: one error chunk, no message.
             let header =
                 wire::emit_chunk_header(wire::chunk::FLAG_DONE, wire::chunk::ERROR, cookie, 6);
             let body_error = error.to_be_bytes();

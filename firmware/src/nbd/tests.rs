@@ -1099,13 +1099,27 @@ fn write_longer_than_the_payload_limit_is_skipped_without_a_buffer_and_einval() 
 #[test]
 fn block_status_without_a_negotiated_meta_context_is_einval() {
     let mut h = Harness::new(DISK_BYTES);
+    // Structured replies are on (BLOCK_STATUS needs them), so the refusal is an error chunk:
+    // the spec allows no simple reply to BLOCK_STATUS.
     let conn = h.transmission(true, false);
     h.feed_all(conn, &req(command::BLOCK_STATUS, 0, 4, 0, 4096));
     assert!(h.issued.is_empty());
     let replies = h.replies(conn);
     assert_eq!(replies.len(), 1);
     assert_eq!(replies[0].cookie(), 4);
-    assert_eq!(replies[0].simple_error(), errno::EINVAL);
+    match &replies[0] {
+        Reply::Chunk {
+            flags,
+            chunk_type,
+            payload,
+            ..
+        } => {
+            assert_eq!(*chunk_type, chunk::ERROR);
+            assert_eq!(*flags & chunk::FLAG_DONE, chunk::FLAG_DONE);
+            assert_eq!(&payload[0..4], &errno::EINVAL.to_be_bytes());
+        }
+        other => panic!("expected an error chunk, got {other:?}"),
+    }
 }
 
 #[test]
@@ -1261,8 +1275,8 @@ fn block_status_completing_while_the_byte_budget_is_spent_is_answered() {
 #[test]
 fn buffer_budget_returns_to_zero_after_a_flow() {
     let mut h = Harness::new(DISK_BYTES);
-    // Handshake replies larger than a head (LIST, an error with a message, EXPORT_NAME with
-    // zeroes) travel in pool buffers too.
+    // Handshake replies (LIST, an error with a message, EXPORT_NAME and its zero padding) fit
+    // in heads: none of them takes a buffer from the pool.
     let conn = h.connect();
     h.feed_all(conn, &client_flags_bytes(client_flags::FIXED_NEWSTYLE));
     h.feed_all(conn, &opt(option::LIST, &[]));
@@ -1270,8 +1284,13 @@ fn buffer_budget_returns_to_zero_after_a_flow() {
     h.feed_all(conn, &opt(option::EXPORT_NAME, b"tandem"));
     assert_eq!(
         h.take_sent(conn).len(),
-        4,
-        "SERVER, ACK, ERR_UNSUP, export reply"
+        5,
+        "SERVER, ACK, ERR_UNSUP, export reply, zero padding"
+    );
+    assert_eq!(
+        h.in_flight_bytes(),
+        0,
+        "handshake replies took pool buffers"
     );
     let structured = h.transmission(true, true);
     for (c, base) in [(conn, 0u64), (structured, 1 << 16)] {

@@ -129,11 +129,22 @@ pub struct LinkInfo {
     pub rtt_ms: Option<u64>,
 }
 
+/// A second connection on a link that is up: it must authenticate before it may replace the
+/// session, so that a connection from the peer's address that never proves itself cannot take
+/// an authenticated link down.
+#[derive(Debug)]
+struct Candidate {
+    conn: LinkConn,
+    handshake: Box<Handshake>,
+    started_at: Instant,
+}
+
 /// Both links to the peer.
 #[derive(Debug)]
 pub struct PeerLinks {
     settings: LinkSettings,
     links: [Link; 2],
+    candidates: [Option<Candidate>; 2],
     generations: [u32; 2],
     /// The last refusal logged per link, so a retry loop logs it once.
     last_refusal: [Option<String>; 2],
@@ -156,6 +167,7 @@ impl PeerLinks {
         PeerLinks {
             settings,
             links: [Link::Down, Link::Down],
+            candidates: [None, None],
             generations: [0, 0],
             last_refusal: [None, None],
             peer_volume_id: None,
@@ -173,6 +185,11 @@ impl PeerLinks {
             Link::Handshaking { .. } => LinkState::Connecting,
             Link::Up { .. } => LinkState::Up,
         }
+    }
+
+    /// The connection that is the link's session (or its only handshake), if any.
+    pub fn current_conn(&self, link: LinkKind) -> Option<LinkConn> {
+        self.conn(link)
     }
 
     /// What `links` shows of one link at `now`.
@@ -210,7 +227,14 @@ impl PeerLinks {
 
     /// The earliest instant at which `handle_timeout` has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.links
+        let candidates = self
+            .candidates
+            .iter()
+            .flatten()
+            .map(|c| c.started_at.plus_millis(LINK_HANDSHAKE_TIMEOUT_MS))
+            .min();
+        let links = self
+            .links
             .iter()
             .filter_map(|link| match link {
                 Link::Down => None,
@@ -225,7 +249,11 @@ impl PeerLinks {
                     Some((*next_keepalive).min(last_heard.plus_millis(self.settings.dead_time_ms)))
                 }
             })
-            .min()
+            .min();
+        match (links, candidates) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The next thing for the runtime to do.
@@ -245,7 +273,13 @@ impl PeerLinks {
         now: Instant,
     ) -> LinkConn {
         let i = index(link);
-        if let Some(old) = self.conn(link) {
+        // On a link that is up, the new connection is only a candidate until it authenticates.
+        let as_candidate = matches!(self.links[i], Link::Up { .. });
+        if as_candidate {
+            if let Some(old) = self.candidates[i].take() {
+                self.outputs.push_back(LinkOutput::Close { conn: old.conn });
+            }
+        } else if let Some(old) = self.conn(link) {
             self.outputs.push_back(LinkOutput::Close { conn: old });
         }
         self.generations[i] = self.generations[i].wrapping_add(1);
@@ -265,16 +299,27 @@ impl PeerLinks {
                 while let Some(bytes) = handshake.poll_transmit() {
                     self.outputs.push_back(LinkOutput::Send { conn, bytes });
                 }
-                self.links[i] = Link::Handshaking {
-                    conn,
-                    handshake: Box::new(handshake),
-                    started_at: now,
-                };
+                let handshake = Box::new(handshake);
+                if as_candidate {
+                    self.candidates[i] = Some(Candidate {
+                        conn,
+                        handshake,
+                        started_at: now,
+                    });
+                } else {
+                    self.links[i] = Link::Handshaking {
+                        conn,
+                        handshake,
+                        started_at: now,
+                    };
+                }
             }
             Err(e) => {
                 // The config check refuses such names; this is only reached by a bug.
                 log::error!("peer: cannot start a handshake (error={e})");
-                self.links[i] = Link::Down;
+                if !as_candidate {
+                    self.links[i] = Link::Down;
+                }
                 self.outputs.push_back(LinkOutput::Close { conn });
             }
         }
@@ -283,10 +328,30 @@ impl PeerLinks {
 
     /// Bytes arrived on a connection.
     pub fn handle_bytes(&mut self, conn: LinkConn, bytes: &[u8], now: Instant) {
+        let i = index(conn.link);
+        if let Some(candidate) = self.candidates[i].as_mut().filter(|c| c.conn == conn) {
+            let result = candidate.handshake.handle_bytes(bytes);
+            while let Some(frame) = candidate.handshake.poll_transmit() {
+                self.outputs
+                    .push_back(LinkOutput::Send { conn, bytes: frame });
+            }
+            match result {
+                Err(e) => self.refuse(conn, &refusal_text(&e)),
+                Ok(n) if candidate.handshake.is_established() => {
+                    let Some(candidate) = self.candidates[i].take() else {
+                        return;
+                    };
+                    if self.establish(conn, candidate.handshake, now) && n < bytes.len() {
+                        self.handle_bytes(conn, &bytes[n..], now);
+                    }
+                }
+                Ok(_) => {}
+            }
+            return;
+        }
         if self.conn(conn.link) != Some(conn) {
             return;
         }
-        let i = index(conn.link);
         let mut at = 0;
         if let Link::Handshaking { handshake, .. } = &mut self.links[i] {
             let result = handshake.handle_bytes(bytes);
@@ -301,7 +366,14 @@ impl PeerLinks {
                 }
                 Ok(n) if handshake.is_established() => {
                     at = n;
-                    self.establish(conn, now);
+                    let Link::Handshaking { handshake, .. } =
+                        std::mem::replace(&mut self.links[i], Link::Down)
+                    else {
+                        return;
+                    };
+                    if !self.establish(conn, handshake, now) {
+                        return;
+                    }
                 }
                 Ok(_) => return,
             }
@@ -372,6 +444,11 @@ impl PeerLinks {
 
     /// The connection ended (reset, EOF, or the runtime gave up on it).
     pub fn handle_closed(&mut self, conn: LinkConn) {
+        let i = index(conn.link);
+        if self.candidates[i].as_ref().is_some_and(|c| c.conn == conn) {
+            self.candidates[i] = None;
+            return;
+        }
         if self.conn(conn.link) != Some(conn) {
             return;
         }
@@ -387,6 +464,18 @@ impl PeerLinks {
 
     /// Time passed: keepalives go out, silent links and stuck handshakes are closed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..2 {
+            let stuck = self.candidates[i]
+                .as_ref()
+                .filter(|c| now.millis_since(c.started_at) >= LINK_HANDSHAKE_TIMEOUT_MS)
+                .map(|c| c.conn);
+            if let Some(conn) = stuck {
+                self.refuse(
+                    conn,
+                    "a new connection did not finish the handshake in time",
+                );
+            }
+        }
         for i in 0..2 {
             match &mut self.links[i] {
                 Link::Down => {}
@@ -448,15 +537,13 @@ impl PeerLinks {
         }
     }
 
-    fn establish(&mut self, conn: LinkConn, now: Instant) {
+    /// Makes an authenticated connection the link's session (replacing the one before, if
+    /// any). Returns false when the peer is not the configured one.
+    fn establish(&mut self, conn: LinkConn, handshake: Box<Handshake>, now: Instant) -> bool {
         let i = index(conn.link);
-        let Link::Handshaking { handshake, .. } = std::mem::replace(&mut self.links[i], Link::Down)
-        else {
-            return;
-        };
         let Some((session, established)) = handshake.into_session() else {
             self.refuse(conn, "the handshake ended without a session");
-            return;
+            return false;
         };
         let Established {
             peer_name,
@@ -469,7 +556,12 @@ impl PeerLinks {
                 self.settings.peer_name
             );
             self.refuse(conn, &reason);
-            return;
+            return false;
+        }
+        if let Some(old) = self.conn(conn.link).filter(|old| *old != conn) {
+            // The peer reconnected (it restarted, or its end of the old connection died):
+            // the authenticated newcomer takes over.
+            self.outputs.push_back(LinkOutput::Close { conn: old });
         }
         if self.peer_volume_id != Some(peer_volume_id) && peer_volume_id != self.settings.volume_id
         {
@@ -494,12 +586,18 @@ impl PeerLinks {
         };
         log::info!("peer link up (link={} peer={peer_name})", conn.link);
         self.handle_timeout(now);
+        true
     }
 
     /// Ends a handshake that failed; logs the reason once per change.
     fn refuse(&mut self, conn: LinkConn, reason: &str) {
         let i = index(conn.link);
-        self.links[i] = Link::Down;
+        if self.conn(conn.link) == Some(conn) {
+            self.links[i] = Link::Down;
+        }
+        if self.candidates[i].as_ref().is_some_and(|c| c.conn == conn) {
+            self.candidates[i] = None;
+        }
         self.outputs.push_back(LinkOutput::Close { conn });
         if self.last_refusal[i].as_deref() != Some(reason) {
             log::warn!("peer refused (link={} reason={reason})", conn.link);
@@ -691,6 +789,66 @@ mod tests {
         assert_eq!(closes, vec![first]);
         a.handle_bytes(first, b"garbage", now);
         assert_eq!(a.state(LinkKind::Heartbeat), LinkState::Connecting);
+    }
+
+    #[test]
+    fn a_connection_that_never_authenticates_does_not_take_an_up_link_down() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        // A dead time longer than the test, so that only the intruders can end anything.
+        let mut b = PeerLinks::new(LinkSettings {
+            dead_time_ms: 60_000,
+            ..settings("nas-b", "nas-a", KEY)
+        });
+        let (_, cb) = connect(&mut a, &mut b, LinkKind::Heartbeat, Instant::from_millis(0));
+        while b.poll_output().is_some() {}
+        // A silent connection from the peer's address, then garbage, then nothing at all.
+        let intruder = b.handle_connected(
+            LinkKind::Heartbeat,
+            Role::Responder,
+            [9; 32],
+            Instant::from_millis(10),
+        );
+        assert_eq!(b.state(LinkKind::Heartbeat), LinkState::Up);
+        assert_eq!(b.current_conn(LinkKind::Heartbeat), Some(cb));
+        b.handle_bytes(
+            intruder,
+            b"\x00\x00\x00\x05\x01junk",
+            Instant::from_millis(20),
+        );
+        assert_eq!(b.state(LinkKind::Heartbeat), LinkState::Up);
+        let silent = b.handle_connected(
+            LinkKind::Heartbeat,
+            Role::Responder,
+            [10; 32],
+            Instant::from_millis(30),
+        );
+        b.handle_timeout(Instant::from_millis(30 + LINK_HANDSHAKE_TIMEOUT_MS));
+        assert!(
+            b.candidates[0].is_none(),
+            "the silent candidate was dropped"
+        );
+        let closes: Vec<LinkConn> = std::iter::from_fn(|| b.poll_output())
+            .filter_map(|o| match o {
+                LinkOutput::Close { conn } => Some(conn),
+                LinkOutput::Send { .. } => None,
+            })
+            .collect();
+        assert!(closes.contains(&intruder) && closes.contains(&silent) && !closes.contains(&cb));
+        assert_eq!(b.current_conn(LinkKind::Heartbeat), Some(cb));
+    }
+
+    #[test]
+    fn an_authenticated_reconnection_replaces_the_old_session() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
+        let (_, old) = connect(&mut a, &mut b, LinkKind::Lan, Instant::from_millis(0));
+        // nas-a restarts: a fresh node connects again while nas-b still holds the old session.
+        let mut a2 = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let (_, new) = connect(&mut a2, &mut b, LinkKind::Lan, Instant::from_millis(100));
+        assert_ne!(old, new);
+        assert_eq!(b.state(LinkKind::Lan), LinkState::Up);
+        assert_eq!(b.current_conn(LinkKind::Lan), Some(new));
+        assert_eq!(a2.state(LinkKind::Lan), LinkState::Up);
     }
 
     #[test]

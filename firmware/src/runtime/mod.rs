@@ -68,6 +68,15 @@ impl std::fmt::Display for StartError {
     }
 }
 
+/// Replies queued for one client before its requests stop being taken (a client that does not
+/// read its replies must not grow the node's memory or hold the shared budget).
+const CLIENT_OUTQ_COUNT_MAX: usize = 512;
+/// Bytes of replies queued for one client before its requests stop being taken.
+const CLIENT_OUTQ_BYTES_MAX: usize = 8 << 20;
+/// A client whose socket accepts no byte of its waiting replies for this long is dropped: its
+/// buffers count against the budget every other client shares.
+const CLIENT_SEND_STALL_MS: u64 = 10_000;
+
 /// Write payloads at least this large are read from the socket straight into their buffer.
 const DIRECT_PAYLOAD_BYTES_MIN: usize = 64 << 10;
 
@@ -149,6 +158,21 @@ struct Client {
     closing: bool,
     /// EPOLLOUT is being watched (the socket buffer was full).
     watching_output: bool,
+    /// Its replies pile up unread: its requests are not taken until they drain.
+    output_full: bool,
+    /// Since when replies have been waiting with no byte accepted by the socket.
+    stalled_since: Option<Instant>,
+}
+
+impl Client {
+    fn queued_bytes(&self) -> usize {
+        self.outq.iter().map(|p| p.len() - p.sent).sum()
+    }
+
+    /// Whether its reply queue is full enough that its requests must wait.
+    fn is_output_full(&self) -> bool {
+        self.outq.len() >= CLIENT_OUTQ_COUNT_MAX || self.queued_bytes() >= CLIENT_OUTQ_BYTES_MAX
+    }
 }
 
 /// What a short-lived local connection is for.
@@ -728,7 +752,7 @@ impl Runtime {
                     }
                     TOKEN_CONTROL_CLIENT => self.read_control((token & 0xffff_ffff) as usize),
                     TOKEN_LINK_LISTEN => self.accept_link((token & 1) as usize),
-                    TOKEN_LINK => self.service_link((token & 1) as usize, flags),
+                    TOKEN_LINK => self.service_link((token & 3) as usize, flags),
                     _ => match token {
                         TOKEN_SIGNAL => {
                             while let Some(signo) = self.signals.take() {
@@ -752,7 +776,9 @@ impl Runtime {
             }
             self.maintain_links(now);
             self.expire_controls(now);
+            self.expire_stalled_clients(now);
             self.drain_outputs();
+            self.retry_blocked();
             self.flush_serial_log();
             if terminate {
                 return self.shutdown();
@@ -762,8 +788,15 @@ impl Runtime {
 
     fn next_timeout(&self) -> Option<u64> {
         let now = now();
+        let stall = self
+            .clients
+            .iter()
+            .flatten()
+            .filter_map(|c| c.stalled_since.map(|t| t.plus_millis(CLIENT_SEND_STALL_MS)))
+            .min();
         let next = [
             self.node.poll_timeout(),
+            stall,
             self.controls.iter().flatten().map(|c| c.deadline).min(),
             self.peer.as_ref().and_then(peer::PeerSockets::poll_timeout),
         ]
@@ -837,15 +870,24 @@ impl Runtime {
             readable: true,
             closing: false,
             watching_output: false,
+            output_full: false,
+            stalled_since: None,
         });
     }
 
     /// Offers a client's buffered bytes to the node and reads more while it takes them.
-    fn read_client(&mut self, slot: usize) {
+    /// Returns true if the node took any byte (progress, for `retry_blocked`).
+    fn read_client(&mut self, slot: usize) -> bool {
+        let mut progress = false;
         loop {
             let Some(client) = self.clients[slot].as_mut() else {
-                return;
+                return progress;
             };
+            if client.is_output_full() {
+                // Taken up again by `flush_client` once the client reads its replies.
+                client.output_full = true;
+                return progress;
+            }
             if client.in_start < client.in_end {
                 let conn = client.conn;
                 let taken = self.node.handle_client_bytes(
@@ -854,6 +896,7 @@ impl Runtime {
                     now(),
                 );
                 client.in_start += taken;
+                progress |= taken > 0;
                 if client.in_start == client.in_end {
                     client.in_start = 0;
                     client.in_end = 0;
@@ -862,14 +905,14 @@ impl Runtime {
                     if !self.blocked.contains(&slot) {
                         self.blocked.push(slot);
                     }
-                    return;
+                    return progress;
                 }
             }
             let Some(client) = self.clients[slot].as_mut() else {
-                return;
+                return progress;
             };
             if !client.readable || client.closing {
-                return;
+                return progress;
             }
             if client.in_end == client.inbuf.len() {
                 if client.in_start == 0 {
@@ -877,7 +920,7 @@ impl Runtime {
                     if !self.blocked.contains(&slot) {
                         self.blocked.push(slot);
                     }
-                    return;
+                    return progress;
                 }
                 client.inbuf.copy_within(client.in_start..client.in_end, 0);
                 client.in_end -= client.in_start;
@@ -894,7 +937,7 @@ impl Runtime {
                         match stream.read(target) {
                             Ok(0) => {
                                 self.drop_client(slot);
-                                return;
+                                return progress;
                             }
                             Ok(n) => {
                                 self.node.handle_payload_received(conn, n, now());
@@ -909,25 +952,25 @@ impl Runtime {
                                 if let Some(client) = self.clients[slot].as_mut() {
                                     client.readable = false;
                                 }
-                                return;
+                                return progress;
                             }
                             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                             Err(_) => {
                                 self.drop_client(slot);
-                                return;
+                                return progress;
                             }
                         }
                     }
                 }
             }
             let Some(client) = self.clients[slot].as_mut() else {
-                return;
+                return progress;
             };
             let end = client.in_end;
             match client.stream.read(&mut client.inbuf[end..]) {
                 Ok(0) => {
                     self.drop_client(slot);
-                    return;
+                    return progress;
                 }
                 Ok(n) => {
                     // A short read emptied the socket: with edge-triggered epoll the next byte
@@ -940,13 +983,13 @@ impl Runtime {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     client.readable = false;
                     if client.in_start == client.in_end {
-                        return;
+                        return progress;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.drop_client(slot);
-                    return;
+                    return progress;
                 }
             }
         }
@@ -966,16 +1009,25 @@ impl Runtime {
     }
 
     fn reap_disk(&mut self) {
-        let mut reaped = false;
         while let Some(completion) = self.disk.poll_completion() {
             self.node.handle_disk_completion(completion, now());
-            reaped = true;
         }
-        if reaped && !self.blocked.is_empty() {
-            self.drain_outputs();
+    }
+
+    /// Offers waiting clients their bytes again, for as long as any of them makes progress.
+    /// Capacity comes back in many places (a disk completion, a reply written and its buffer
+    /// recycled, a client dropped), so this runs at the end of every turn of the loop: a client
+    /// whose bytes wait in our buffer gets no new event from its socket.
+    fn retry_blocked(&mut self) {
+        while !self.blocked.is_empty() {
             let blocked = std::mem::take(&mut self.blocked);
+            let mut progress = false;
             for slot in blocked {
-                self.read_client(slot);
+                progress |= self.read_client(slot);
+            }
+            self.drain_outputs();
+            if !progress {
+                return;
             }
         }
     }
@@ -1067,6 +1119,7 @@ impl Runtime {
             let written = match result {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    client.stalled_since.get_or_insert(now());
                     if !client.watching_output {
                         let token = epoll::EventData::new_u64(TOKEN_CLIENT | slot as u64);
                         let events = CLIENT_EVENTS | epoll::EventFlags::OUT;
@@ -1082,6 +1135,9 @@ impl Runtime {
                     break;
                 }
             };
+            if written > 0 {
+                client.stalled_since = None;
+            }
             let mut left = written;
             while left > 0 {
                 let Some(front) = client.outq.front_mut() else {
@@ -1104,10 +1160,20 @@ impl Runtime {
                 }
             }
         }
+        if client.outq.is_empty() {
+            client.stalled_since = None;
+        }
         if client.watching_output && client.outq.is_empty() {
             let token = epoll::EventData::new_u64(TOKEN_CLIENT | slot as u64);
             if epoll::modify(&self.epoll, client.stream.fd(), token, CLIENT_EVENTS).is_ok() {
                 client.watching_output = false;
+            }
+        }
+        if client.output_full && !client.is_output_full() {
+            // It read its replies: its waiting requests may go on (see `retry_blocked`).
+            client.output_full = false;
+            if !self.blocked.contains(&slot) {
+                self.blocked.push(slot);
             }
         }
         let finished = client.closing && client.outq.is_empty();
@@ -1116,6 +1182,23 @@ impl Runtime {
         }
         if broken || finished {
             self.drop_client(slot);
+        }
+    }
+
+    /// Drops clients whose sockets took none of their waiting replies for too long.
+    fn expire_stalled_clients(&mut self, now: Instant) {
+        for slot in 0..self.clients.len() {
+            let stalled = matches!(
+                &self.clients[slot],
+                Some(c) if c.stalled_since.is_some_and(|t| now.millis_since(t) >= CLIENT_SEND_STALL_MS)
+            );
+            if stalled {
+                log::warn!(
+                    "nbd: dropping a client that has not read its replies for {} s",
+                    CLIENT_SEND_STALL_MS / 1000
+                );
+                self.drop_client(slot);
+            }
         }
     }
 
@@ -1404,6 +1487,19 @@ impl Runtime {
         for slot in 0..self.clients.len() {
             self.drop_client(slot);
         }
+        if self.disk.in_flight() > 0 {
+            // The disk did not finish in time: the volume stays marked unclean, which is the
+            // truth, and the next start says so.
+            log::warn!(
+                "stopped with disk requests still in flight; the volume stays marked unclean"
+            );
+            return Ok(());
+        }
+        // Data first, then the mark: a power cut between the two leaves "unclean", never a
+        // clean mark over writes that were not yet durable.
+        self.disk
+            .flush_sync()
+            .map_err(|e| StartError::Internal(format!("cannot flush the volume: {e}")))?;
         self.volume.superblock.flags |= flags::CLEAN_SHUTDOWN;
         self.volume.superblock.sequence += 1;
         volume::write_superblock(&self.disk, &self.volume.layout, &self.volume.superblock)

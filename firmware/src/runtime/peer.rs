@@ -1,11 +1,15 @@
-//! The runtime's side of the peer links: one TCP connection per cable.
+//! The runtime's side of the peer links: TCP connections on the two cables.
 //!
 //! On each link the node whose name sorts first connects (from its `local` address, so the
 //! traffic leaves on that cable) and the other accepts on its `local` address, taking only a
 //! connection that comes from the configured `remote` address. A connection that ends is
 //! retried with a backoff from 100 ms to 1 s; a connection that lived long enough resets it.
-//! Everything said on a connection is the node's business (`Node::handle_link_*`): the
-//! runtime moves bytes and reports ends.
+//!
+//! Each link has two socket slots. While a session is up, a new connection handshakes in the
+//! other slot and replaces the session only once it has authenticated (the core decides, see
+//! `peer::link`), so a connection from the peer's address that never proves itself cannot take
+//! an authenticated link down. Everything said on a connection is the node's business
+//! (`Node::handle_link_*`): the runtime moves bytes and reports ends.
 
 use super::{now, Runtime, StartError, TOKEN_LINK, TOKEN_LINK_LISTEN};
 use crate::config::{Config, LinkAddrs};
@@ -26,14 +30,34 @@ const RECONNECT_BACKOFF_MAX_MS: u64 = 1_000;
 const CONNECTION_STABLE_MS: u64 = 5_000;
 /// Bytes read from a link socket at a time.
 const LINK_READ_BYTES: usize = 64 << 10;
+/// Socket slots per link: the session and one candidate.
+const SLOTS_PER_LINK: usize = 2;
+/// Socket slots in all.
+const SLOT_COUNT: usize = 2 * SLOTS_PER_LINK;
 
 const LINKS: [LinkKind; 2] = [LinkKind::Heartbeat, LinkKind::Lan];
+
+/// Link sockets are watched edge-triggered both ways: queued frames wait for a writable edge.
+const LINK_EVENTS: epoll::EventFlags = epoll::EventFlags::IN
+    .union(epoll::EventFlags::OUT)
+    .union(epoll::EventFlags::ET)
+    .union(epoll::EventFlags::RDHUP);
 
 fn index(link: LinkKind) -> usize {
     match link {
         LinkKind::Heartbeat => 0,
         LinkKind::Lan => 1,
     }
+}
+
+/// The socket slots of a link.
+fn slots_of(link: LinkKind) -> std::ops::Range<usize> {
+    index(link) * SLOTS_PER_LINK..(index(link) + 1) * SLOTS_PER_LINK
+}
+
+/// The link a socket slot belongs to.
+pub(super) fn link_of(slot: usize) -> LinkKind {
+    LINKS[(slot / SLOTS_PER_LINK).min(1)]
 }
 
 /// One TCP connection on a link.
@@ -55,7 +79,7 @@ pub(super) struct PeerSockets {
     is_initiator: bool,
     addrs: [LinkAddrs; 2],
     listeners: [Option<TcpListener>; 2],
-    sockets: [Option<LinkSocket>; 2],
+    sockets: [Option<LinkSocket>; SLOT_COUNT],
     next_attempt: [Instant; 2],
     backoff_ms: [u64; 2],
     /// The last stranger refused per link, so a port scan logs once.
@@ -82,7 +106,7 @@ impl PeerSockets {
             is_initiator,
             addrs,
             listeners,
-            sockets: [None, None],
+            sockets: Default::default(),
             next_attempt: [Instant::default(); 2],
             backoff_ms: [RECONNECT_BACKOFF_MIN_MS; 2],
             last_stranger: [None, None],
@@ -96,9 +120,22 @@ impl PeerSockets {
         }
         LINKS
             .iter()
-            .filter(|link| self.sockets[index(**link)].is_none())
+            .filter(|link| self.is_idle(**link))
             .map(|link| self.next_attempt[index(*link)])
             .min()
+    }
+
+    /// True when the link has no socket at all.
+    fn is_idle(&self, link: LinkKind) -> bool {
+        slots_of(link).all(|slot| self.sockets[slot].is_none())
+    }
+
+    fn slot_of(&self, conn: LinkConn) -> Option<usize> {
+        slots_of(conn.link).find(|slot| {
+            self.sockets[*slot]
+                .as_ref()
+                .is_some_and(|s| s.conn == Some(conn))
+        })
     }
 
     fn schedule_retry(&mut self, link: LinkKind, now: Instant, lived_ms: u64) {
@@ -111,7 +148,6 @@ impl PeerSockets {
     }
 }
 
-/// Starts a non-blocking connect from `local`'s address (any port) to `remote`.
 fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<TcpStream> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let family = if remote.is_ipv4() {
@@ -132,7 +168,6 @@ fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<TcpStr
         Err(e) => Err(e.into()),
     }
 }
-
 fn random_nonce() -> [u8; 32] {
     let mut nonce = [0u8; 32];
     let mut filled = 0;
@@ -146,8 +181,6 @@ fn random_nonce() -> [u8; 32] {
     }
     nonce
 }
-
-/// Reads the cluster key: exactly 32 bytes (the config check verified size and mode).
 pub(super) fn read_key(config: &Config) -> Result<Option<[u8; PEER_KEY_BYTES]>, StartError> {
     let Some(peer) = &config.peer else {
         return Ok(None);
@@ -189,22 +222,19 @@ impl Runtime {
         }
         for link in LINKS {
             let i = index(link);
-            if peer.sockets[i].is_some() || now < peer.next_attempt[i] {
+            if !peer.is_idle(link) || now < peer.next_attempt[i] {
                 continue;
             }
+            let slot = slots_of(link).start;
             let LinkAddrs { local, remote } = peer.addrs[i];
             match connect_from(local, remote) {
                 Ok(stream) => {
-                    let token = epoll::EventData::new_u64(TOKEN_LINK | i as u64);
-                    let flags = epoll::EventFlags::IN
-                        | epoll::EventFlags::OUT
-                        | epoll::EventFlags::ET
-                        | epoll::EventFlags::RDHUP;
-                    if epoll::add(&self.epoll, &stream, token, flags).is_err() {
+                    let token = epoll::EventData::new_u64(TOKEN_LINK | slot as u64);
+                    if epoll::add(&self.epoll, &stream, token, LINK_EVENTS).is_err() {
                         peer.schedule_retry(link, now, 0);
                         continue;
                     }
-                    peer.sockets[i] = Some(LinkSocket {
+                    peer.sockets[slot] = Some(LinkSocket {
                         stream,
                         conn: None,
                         connected_at: now,
@@ -222,12 +252,12 @@ impl Runtime {
 
     /// A link listener is readable: take the peer's connection.
     pub(super) fn accept_link(&mut self, i: usize) {
-        let link = LINKS[i];
+        let link = LINKS[i.min(1)];
         loop {
             let Some(peer) = self.peer.as_mut() else {
                 return;
             };
-            let Some(listener) = &peer.listeners[i] else {
+            let Some(listener) = &peer.listeners[index(link)] else {
                 return;
             };
             let (stream, from) = match listener.accept() {
@@ -238,22 +268,32 @@ impl Runtime {
                     return;
                 }
             };
-            if from.ip() != peer.addrs[i].remote.ip() {
-                if peer.last_stranger[i] != Some(from) {
+            if from.ip() != peer.addrs[index(link)].remote.ip() {
+                if peer.last_stranger[index(link)] != Some(from) {
                     log::warn!(
                         "peer: refused a connection on {link} from {from} (not the peer's address)"
                     );
-                    peer.last_stranger[i] = Some(from);
+                    peer.last_stranger[index(link)] = Some(from);
                 }
                 continue;
             }
             let _ = stream.set_nonblocking(true);
             let _ = stream.set_nodelay(true);
-            // The peer reconnected: whatever was there before is gone.
-            self.drop_link(i, now());
-            let token = epoll::EventData::new_u64(TOKEN_LINK | i as u64);
-            let flags = epoll::EventFlags::IN | epoll::EventFlags::ET | epoll::EventFlags::RDHUP;
-            if epoll::add(&self.epoll, &stream, token, flags).is_err() {
+            // A free slot, or the one an unauthenticated candidate holds: the session's slot is
+            // never given up before a newcomer has authenticated.
+            let current = self.node.link_current_conn(link);
+            let free = slots_of(link).find(|slot| peer.sockets[*slot].is_none());
+            let replaceable = slots_of(link).find(|slot| {
+                peer.sockets[*slot]
+                    .as_ref()
+                    .is_some_and(|s| s.conn.is_none() || s.conn != current)
+            });
+            let Some(slot) = free.or(replaceable) else {
+                continue;
+            };
+            self.drop_link(slot, now());
+            let token = epoll::EventData::new_u64(TOKEN_LINK | slot as u64);
+            if epoll::add(&self.epoll, &stream, token, LINK_EVENTS).is_err() {
                 continue;
             }
             let now = now();
@@ -261,7 +301,7 @@ impl Runtime {
                 self.node
                     .handle_link_connected(link, LinkRole::Responder, random_nonce(), now);
             if let Some(peer) = self.peer.as_mut() {
-                peer.sockets[i] = Some(LinkSocket {
+                peer.sockets[slot] = Some(LinkSocket {
                     stream,
                     conn,
                     connected_at: now,
@@ -273,20 +313,22 @@ impl Runtime {
     }
 
     /// A link socket has news: its connect finished, bytes arrived, or it can take more.
-    pub(super) fn service_link(&mut self, i: usize, flags: epoll::EventFlags) {
-        let link = LINKS[i];
+    pub(super) fn service_link(&mut self, slot: usize, flags: epoll::EventFlags) {
+        if slot >= SLOT_COUNT {
+            return;
+        }
+        let link = link_of(slot);
         let now = now();
         let Some(peer) = self.peer.as_mut() else {
             return;
         };
-        let Some(socket) = peer.sockets[i].as_mut() else {
+        let Some(socket) = peer.sockets[slot].as_mut() else {
             return;
         };
         if socket.conn.is_none() {
             // A connect in progress: it finished when the socket turned writable (or failed).
-            if !flags.intersects(
-                epoll::EventFlags::OUT | epoll::EventFlags::ERR | epoll::EventFlags::HUP,
-            ) {
+            let done = epoll::EventFlags::OUT | epoll::EventFlags::ERR | epoll::EventFlags::HUP;
+            if !flags.intersects(done) {
                 return;
             }
             let failed = match rustix::net::sockopt::socket_error(&socket.stream) {
@@ -296,45 +338,46 @@ impl Runtime {
             };
             if let Some(error) = failed {
                 log::debug!("peer: connect on {link} failed (error={error})");
-                self.drop_link(i, now);
+                self.drop_link(slot, now);
                 return;
             }
             socket.connected_at = now;
             let conn =
                 self.node
                     .handle_link_connected(link, LinkRole::Initiator, random_nonce(), now);
-            if let Some(socket) = self.peer.as_mut().and_then(|p| p.sockets[i].as_mut()) {
+            if let Some(socket) = self.peer.as_mut().and_then(|p| p.sockets[slot].as_mut()) {
                 socket.conn = conn;
             }
         }
-        if flags.intersects(
-            epoll::EventFlags::IN
-                | epoll::EventFlags::HUP
-                | epoll::EventFlags::ERR
-                | epoll::EventFlags::RDHUP,
-        ) {
-            self.read_link(i, now);
+        let readable = epoll::EventFlags::IN
+            | epoll::EventFlags::HUP
+            | epoll::EventFlags::ERR
+            | epoll::EventFlags::RDHUP;
+        if flags.intersects(readable) {
+            self.read_link(slot, now);
         }
-        self.flush_link(i, now);
+        self.flush_link(slot, now);
     }
 
-    fn read_link(&mut self, i: usize, now: Instant) {
+    fn read_link(&mut self, slot: usize, now: Instant) {
         let mut buf = vec![0u8; LINK_READ_BYTES];
         loop {
-            let Some(socket) = self.peer.as_mut().and_then(|p| p.sockets[i].as_mut()) else {
+            let Some(socket) = self.peer.as_mut().and_then(|p| p.sockets[slot].as_mut()) else {
                 return;
             };
-            let Some(conn) = socket.conn else { return };
+            let Some(conn) = socket.conn else {
+                return;
+            };
             match socket.stream.read(&mut buf) {
                 Ok(0) => {
-                    self.drop_link(i, now);
+                    self.drop_link(slot, now);
                     return;
                 }
                 Ok(n) => self.node.handle_link_bytes(conn, &buf[..n], now),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    self.drop_link(i, now);
+                    self.drop_link(slot, now);
                     return;
                 }
             }
@@ -343,31 +386,28 @@ impl Runtime {
 
     /// Queues bytes for the connection `conn` (dropped if it is gone).
     pub(super) fn send_link(&mut self, conn: LinkConn, bytes: Vec<u8>) {
-        let i = index(conn.link);
-        let Some(socket) = self.peer.as_mut().and_then(|p| p.sockets[i].as_mut()) else {
+        let Some(peer) = self.peer.as_mut() else {
             return;
         };
-        if socket.conn != Some(conn) {
+        let Some(slot) = peer.slot_of(conn) else {
             return;
+        };
+        if let Some(socket) = peer.sockets[slot].as_mut() {
+            socket.outq.push_back(bytes);
         }
-        socket.outq.push_back(bytes);
-        self.flush_link(i, now());
+        self.flush_link(slot, now());
     }
 
-    /// Closes the connection `conn` if it is still the link's.
+    /// Closes the connection `conn` if a slot still holds it.
     pub(super) fn close_link(&mut self, conn: LinkConn) {
-        let i = index(conn.link);
-        let is_current = matches!(
-            self.peer.as_ref().and_then(|p| p.sockets[i].as_ref()),
-            Some(socket) if socket.conn == Some(conn)
-        );
-        if is_current {
-            self.drop_link(i, now());
+        let slot = self.peer.as_ref().and_then(|p| p.slot_of(conn));
+        if let Some(slot) = slot {
+            self.drop_link(slot, now());
         }
     }
 
-    fn flush_link(&mut self, i: usize, now: Instant) {
-        let Some(socket) = self.peer.as_mut().and_then(|p| p.sockets[i].as_mut()) else {
+    fn flush_link(&mut self, slot: usize, now: Instant) {
+        let Some(socket) = self.peer.as_mut().and_then(|p| p.sockets[slot].as_mut()) else {
             return;
         };
         if socket.conn.is_none() {
@@ -386,24 +426,27 @@ impl Runtime {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    self.drop_link(i, now);
+                    self.drop_link(slot, now);
                     return;
                 }
             }
         }
     }
 
-    /// Forgets the link's socket, tells the node, and schedules a reconnect.
-    fn drop_link(&mut self, i: usize, now: Instant) {
+    /// Forgets a slot's socket, tells the node, and schedules a reconnect when the link is idle.
+    fn drop_link(&mut self, slot: usize, now: Instant) {
         let Some(peer) = self.peer.as_mut() else {
             return;
         };
-        let Some(socket) = peer.sockets[i].take() else {
+        let Some(socket) = peer.sockets[slot].take() else {
             return;
         };
         let _ = epoll::delete(&self.epoll, socket.stream.as_fd());
-        let lived_ms = now.millis_since(socket.connected_at);
-        peer.schedule_retry(LINKS[i], now, lived_ms);
+        let link = link_of(slot);
+        if peer.is_idle(link) {
+            let lived_ms = now.millis_since(socket.connected_at);
+            peer.schedule_retry(link, now, lived_ms);
+        }
         if let Some(conn) = socket.conn {
             self.node.handle_link_closed(conn);
         }
