@@ -175,6 +175,25 @@ impl Client {
     }
 }
 
+/// The listening sockets a node accepts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    NbdUnix,
+    NbdTcp,
+    Control,
+    Metrics,
+}
+
+impl Listener {
+    fn name(self) -> &'static str {
+        match self {
+            Listener::NbdUnix | Listener::NbdTcp => "nbd",
+            Listener::Control => "control",
+            Listener::Metrics => "metrics",
+        }
+    }
+}
+
 /// What a short-lived local connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ServiceKind {
@@ -761,10 +780,10 @@ impl Runtime {
                             }
                         }
                         TOKEN_DISK => self.reap_disk(),
-                        TOKEN_NBD_UNIX => self.accept_unix(),
-                        TOKEN_NBD_TCP => self.accept_tcp(),
-                        TOKEN_CONTROL => self.accept_control(),
-                        TOKEN_METRICS => self.accept_metrics(),
+                        TOKEN_NBD_UNIX => self.accept_from(Listener::NbdUnix),
+                        TOKEN_NBD_TCP => self.accept_from(Listener::NbdTcp),
+                        TOKEN_CONTROL => self.accept_from(Listener::Control),
+                        TOKEN_METRICS => self.accept_from(Listener::Metrics),
                         TOKEN_SERIAL => self.read_serial(),
                         _ => log::error!("epoll: unknown token {token}"),
                     },
@@ -806,44 +825,49 @@ impl Runtime {
         Some(next.millis_since(now))
     }
 
-    fn accept_unix(&mut self) {
+    /// Takes every pending connection on one listener.
+    fn accept_from(&mut self, listener: Listener) {
         loop {
-            match self.nbd_unix.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(true);
-                    self.add_client(Stream::Unix(stream));
+            let accepted = match listener {
+                Listener::NbdUnix => self.nbd_unix.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Control => self.control.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::NbdTcp | Listener::Metrics => {
+                    let tcp = if listener == Listener::NbdTcp {
+                        &self.nbd_tcp
+                    } else {
+                        &self.metrics
+                    };
+                    match tcp {
+                        Some(tcp) => tcp.accept().map(|(s, _)| Stream::Tcp(s)),
+                        None => return,
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    log::warn!("nbd: accept failed (error={e})");
-                    return;
-                }
-            }
-        }
-    }
-
-    fn accept_tcp(&mut self) {
-        loop {
-            let accepted = match &self.nbd_tcp {
-                Some(listener) => listener.accept(),
-                None => return,
             };
-            match accepted {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(true);
-                    let _ = stream.set_nodelay(true);
-                    self.add_client(Stream::Tcp(stream));
-                }
+            let stream = match accepted {
+                Ok(stream) => stream,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    log::warn!("nbd: accept failed (error={e})");
+                    log::warn!("{}: accept failed (error={e})", listener.name());
                     return;
                 }
+            };
+            match listener {
+                Listener::NbdUnix | Listener::NbdTcp => self.add_client(stream),
+                Listener::Control => self.add_service_client(ServiceKind::Control, stream),
+                Listener::Metrics => self.add_service_client(ServiceKind::Metrics, stream),
             }
         }
     }
 
     fn add_client(&mut self, stream: Stream) {
+        let configured = match &stream {
+            Stream::Unix(s) => s.set_nonblocking(true),
+            Stream::Tcp(s) => s.set_nonblocking(true).and_then(|()| s.set_nodelay(true)),
+        };
+        if let Err(e) = configured {
+            log::warn!("nbd: cannot set up a new client's socket (error={e})");
+            return;
+        }
         let Some(conn) = self.node.handle_client_connected(now()) else {
             log::warn!("nbd: every connection slot is taken, closing a new client at once");
             return;
@@ -1198,40 +1222,6 @@ impl Runtime {
                     CLIENT_SEND_STALL_MS / 1000
                 );
                 self.drop_client(slot);
-            }
-        }
-    }
-
-    fn accept_control(&mut self) {
-        loop {
-            match self.control.accept() {
-                Ok((stream, _)) => {
-                    self.add_service_client(ServiceKind::Control, Stream::Unix(stream))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    log::warn!("control: accept failed (error={e})");
-                    return;
-                }
-            }
-        }
-    }
-
-    fn accept_metrics(&mut self) {
-        loop {
-            let accepted = match &self.metrics {
-                Some(listener) => listener.accept(),
-                None => return,
-            };
-            match accepted {
-                Ok((stream, _)) => {
-                    self.add_service_client(ServiceKind::Metrics, Stream::Tcp(stream))
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    log::warn!("metrics: accept failed (error={e})");
-                    return;
-                }
             }
         }
     }
