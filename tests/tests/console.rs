@@ -358,6 +358,15 @@ fn a_running_node_answers_help_and_status_on_its_serial_console() {
     assert!(reply.contains("nas-a role:"), "status reply:\n{reply}");
     pty.read_until(b")> ");
 
+    // `status --json` answers on the console too (INTERFACE.md), as one JSON object.
+    pty.write_all(b"status --json\r");
+    let reply = String::from_utf8_lossy(&pty.read_until(b"\"volume_bytes\"")).into_owned();
+    assert!(
+        reply.contains("\"role\": \"standalone\""),
+        "status --json reply:\n{reply}"
+    );
+    pty.read_until(b")> ");
+
     // Garbage on the line does not stop the node. Its echo can outrun this reader, and then
     // the console drops output rather than block the node (by design), so the reply is asked
     // for once the line has gone quiet.

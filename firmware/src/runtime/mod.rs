@@ -326,6 +326,21 @@ struct SerialConsole {
     unconfirmed: Option<String>,
 }
 
+/// Takes a `--json` word out of a command line, wherever it stands (`status --json` on the
+/// console, `--json status` from `tandem ctl`).
+fn split_json_flag(line: &str) -> (bool, String) {
+    let mut json = false;
+    let words: Vec<&str> = line
+        .split_whitespace()
+        .filter(|word| {
+            let is_flag = *word == "--json";
+            json |= is_flag;
+            !is_flag
+        })
+        .collect();
+    (json, words.join(" "))
+}
+
 /// Commands that move the role or can discard data: the console asks before running them.
 fn needs_confirmation(command: &Command) -> bool {
     matches!(
@@ -643,7 +658,8 @@ impl Runtime {
                 _ => line.to_string(),
             },
         };
-        let reply = self.execute(&to_run, false);
+        let (json, to_run) = split_json_flag(&to_run);
+        let reply = self.execute(&to_run, json);
         if reply.ok {
             reply.text
         } else {
@@ -1399,12 +1415,7 @@ impl Runtime {
             self.reply_service(index, response.as_bytes());
             return;
         }
-        let (json, command) = match line.strip_prefix("--json") {
-            Some(rest) if rest.is_empty() || rest.starts_with(' ') => {
-                (true, rest.trim().to_string())
-            }
-            _ => (false, line),
-        };
+        let (json, command) = split_json_flag(&line);
         let reply = self.execute(&command, json);
         self.finish_control(index, reply.ok, &reply.text);
     }
