@@ -14,6 +14,7 @@
 //! Every wait here has a deadline: a hung daemon or client fails the test, it never hangs it.
 
 pub mod nbd_wire;
+pub mod sim;
 
 use std::fs;
 use std::io::{self, Read};
