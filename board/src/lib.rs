@@ -12,6 +12,7 @@ pub mod buf;
 pub mod disk;
 pub mod serial;
 pub mod signals;
+pub mod watchdog;
 
 pub use buf::IoBuf;
 pub use disk::{
@@ -20,3 +21,4 @@ pub use disk::{
 };
 pub use serial::{SerialError, SerialPort};
 pub use signals::TerminationSignals;
+pub use watchdog::Watchdog;

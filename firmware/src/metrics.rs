@@ -132,6 +132,24 @@ pub fn render(status: &Status) -> String {
         &rtt_samples,
     );
     out.metric(
+        "watchdog_armed",
+        "gauge",
+        "1 once the hardware watchdog is armed.",
+        &[("", flag(status.watchdog.armed))],
+    );
+    out.metric(
+        "watchdog_timeout_seconds",
+        "gauge",
+        "The timeout the watchdog driver applied.",
+        &[("", f64::from(status.watchdog.timeout_s))],
+    );
+    out.metric(
+        "watchdog_pets_total",
+        "counter",
+        "How often the watchdog was petted.",
+        &[("", status.watchdog.pets as f64)],
+    );
+    out.metric(
         "maintenance",
         "gauge",
         "1 while the operator has suspended automatic failover.",

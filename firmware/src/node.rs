@@ -104,6 +104,17 @@ pub struct LinkStates {
     pub lan: &'static str,
 }
 
+/// The hardware watchdog as `status` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WatchdogStatus {
+    /// True once the watchdog is armed (false in test mode, `device = "none"`, or without one).
+    pub armed: bool,
+    /// The timeout the driver applied, in seconds.
+    pub timeout_s: u32,
+    /// How often it was petted since start.
+    pub pets: u64,
+}
+
 /// Round-trip times of both links (absent while a link is down or not yet measured).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LinkRtts {
@@ -128,6 +139,8 @@ pub struct Status {
     pub links: LinkStates,
     /// The last round-trip time measured on each link, in milliseconds.
     pub link_rtt_ms: LinkRtts,
+    /// The hardware watchdog.
+    pub watchdog: WatchdogStatus,
     /// The lan uplink: "healthy", "down" or "unknown".
     pub uplink: &'static str,
     /// The role epoch.
@@ -196,6 +209,8 @@ pub struct Node {
     peer: Option<PeerLinks>,
     /// The operator suspended automatic failover (not persisted: a restart resumes it).
     maintenance: bool,
+    /// What the runtime reports of the hardware watchdog.
+    watchdog: WatchdogStatus,
 }
 
 impl Node {
@@ -214,6 +229,7 @@ impl Node {
             now,
             peer: None,
             maintenance: false,
+            watchdog: WatchdogStatus::default(),
         }
     }
 
@@ -235,6 +251,7 @@ impl Node {
             now,
             peer: Some(PeerLinks::new(links)),
             maintenance: false,
+            watchdog: WatchdogStatus::default(),
         }
     }
 
@@ -290,6 +307,7 @@ impl Node {
         }
         let rtt = |link| self.link_info(link).and_then(|i| i.rtt_ms);
         Status {
+            watchdog: self.watchdog,
             link_rtt_ms: LinkRtts {
                 heartbeat: rtt(LinkKind::Heartbeat),
                 lan: rtt(LinkKind::Lan),
@@ -328,6 +346,11 @@ impl Node {
     /// The connection that is a link's session (or its only handshake), if any.
     pub fn link_current_conn(&self, link: LinkKind) -> Option<LinkConn> {
         self.peer.as_ref()?.current_conn(link)
+    }
+
+    /// The runtime armed or petted the hardware watchdog.
+    pub fn note_watchdog(&mut self, watchdog: WatchdogStatus) {
+        self.watchdog = watchdog;
     }
 
     /// One link to the peer, for `links` (`None` without a peer).

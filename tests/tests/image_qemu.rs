@@ -49,9 +49,16 @@ nbd_socket = "/run/tandem/nbd.sock"
 [console]
 tty = "/dev/ttyS0"
 control_socket = "/run/tandem/ctl.sock"
+
+[watchdog]
+device = "/dev/watchdog0"
+timeout_s = {WATCHDOG_TIMEOUT_S}
 "#
     )
 }
+
+/// The watchdog timeout of the test board: generous, for an emulated CPU on a shared host.
+const WATCHDOG_TIMEOUT_S: u64 = 10;
 
 fn image_path() -> PathBuf {
     workspace_root().join("image/out/tandem-qemu-x86_64.img")
@@ -538,4 +545,68 @@ fn a_fresh_image_comes_up_unconfigured_and_stays_up() {
         !after.contains("starting tandem") && !after.contains("rebooting"),
         "an unconfigured board starts nothing:\n{log}"
     );
+}
+
+#[test]
+fn a_frozen_tandem_is_reset_by_the_watchdog() {
+    if !prerequisites() {
+        return;
+    }
+    let _turn = ONE_VM_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("image-qemu-watchdog");
+    let disk = prepare_disk(&dir, true, true);
+    let deadline = Instant::now() + TEST_DEADLINE;
+    let mut board = Board::start(dir.path(), &disk);
+    let console = board.serial("ttyS0.sock", deadline);
+    let mut shell = board.serial("ttyS1.sock", deadline);
+    let prompt = format!("{NODE}(standalone)> ");
+    console.wait_for(0, &prompt, deadline, "tandem started");
+
+    // tandem armed the i6300esb with the configured timeout, and it is being petted.
+    let from = shell.len();
+    shell.send(b"\necho MARK-$((6*7)); cat /sys/class/watchdog/watchdog0/state; tandem ctl --socket /run/tandem/ctl.sock --json status; echo END-$((6*7))\n");
+    let start = shell.wait_for(from, "MARK-42", deadline, "the test shell answers");
+    let end = shell.wait_for(start, "END-42", deadline, "the test shell's command ends");
+    let reply = shell.text_since(start);
+    let reply = &reply[..reply.len().min(end - start)];
+    let json = match (reply.find('{'), reply.rfind('}')) {
+        (Some(open), Some(close)) if open < close => reply[open..=close].replace('\r', ""),
+        _ => panic!("no JSON from tandem ctl:\n{reply}"),
+    };
+    let status: serde_json::Value = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("tandem ctl --json status: {e}\n{json}"));
+    assert_eq!(status["watchdog"]["armed"], true, "{status}");
+    assert_eq!(
+        status["watchdog"]["timeout_s"], WATCHDOG_TIMEOUT_S,
+        "{status}"
+    );
+    assert!(status["watchdog"]["pets"].as_u64() >= Some(1), "{status}");
+
+    // A daemon that hangs stops petting: the board resets and boots again.
+    let frozen_at = console.len();
+    shell.send(b"kill -STOP $(pidof tandem)\n");
+    let frozen = Instant::now();
+    console.wait_for(
+        frozen_at,
+        "tandem-init: board qemu-x86_64",
+        deadline,
+        "the watchdog reset the board and it booted again",
+    );
+    let after = frozen.elapsed();
+    eprintln!(
+        "image_qemu: board reset {:.1} s after tandem froze",
+        after.as_secs_f64()
+    );
+    // Not before the last pet could have run out: this is the watchdog, not something else.
+    assert!(
+        after >= Duration::from_secs(WATCHDOG_TIMEOUT_S * 3 / 4),
+        "the board reset {after:?} after the freeze, sooner than the watchdog can fire"
+    );
+    console.wait_for(
+        frozen_at,
+        &prompt,
+        deadline,
+        "tandem started again after the reset",
+    );
+    board.assert_running();
 }

@@ -474,3 +474,35 @@ fn sigterm_with_idle_clients_connected_still_exits_promptly() {
         );
     }
 }
+
+/// A configured watchdog that cannot be armed refuses the start: a node that cannot be fenced
+/// must not serve. (Arming a real one is tested on the QEMU board, tests/tests/image_qemu.rs.)
+#[test]
+fn a_watchdog_that_cannot_be_armed_refuses_the_start() {
+    let dir = TempDir::new("watchdog");
+    let mut config = NodeConfig::standalone(dir.path(), "nas-w");
+    config.extra_toml = "\n[watchdog]\ndevice = \"/dev/null\"\ntimeout_s = 5\n".to_string();
+    config.create_backing(tandem_tests::BACKING_BYTES_DEFAULT);
+    config.write();
+    let out = tandem_run(&config.config_path);
+    assert_eq!(out.code(), Some(exit_code::SOFTWARE), "{}", out.stderr);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    let last = out
+        .stderr_lines()
+        .last()
+        .map(|l| l.to_string())
+        .unwrap_or_default();
+    assert!(
+        last.contains("watchdog /dev/null: cannot arm it"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !config.nbd_socket.exists(),
+        "a refused node left its NBD socket behind"
+    );
+    assert!(
+        !config.control_socket.exists(),
+        "a refused node left its control socket behind"
+    );
+}

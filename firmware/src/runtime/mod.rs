@@ -12,6 +12,7 @@ mod peer;
 pub mod volume;
 
 use crate::config::Config;
+use crate::config::WatchdogDevice;
 use crate::console::line::{LineEditor, LineEvent};
 use crate::console::{self, Command};
 use crate::constants::{
@@ -21,6 +22,7 @@ use crate::constants::{
 use crate::logger;
 use crate::metadata::flags;
 use crate::nbd::{ConnId, Head};
+use crate::node::WatchdogStatus;
 use crate::node::{CommandReply, Node, NodeSettings, Output};
 use crate::time::Instant;
 use rustix::event::epoll;
@@ -31,7 +33,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use tandem_board::{IoBuf, LinuxDisk, SerialError, SerialPort, TerminationSignals};
+use tandem_board::{IoBuf, LinuxDisk, SerialError, SerialPort, TerminationSignals, Watchdog};
 
 /// The serial console's speed: 115200 8N1, what a USB-serial cable and a terminal expect.
 const CONSOLE_BAUD: u32 = 115_200;
@@ -413,6 +415,10 @@ pub struct Runtime {
     config: Config,
     serial: Option<SerialConsole>,
     peer: Option<peer::PeerSockets>,
+    /// The hardware watchdog, armed at start; petted from the loop while it turns.
+    watchdog: Option<Watchdog>,
+    next_pet: Instant,
+    pets: u64,
     clients: Vec<Option<Client>>,
     controls: Vec<Option<ControlClient>>,
     /// Clients with replies queued since the last flush.
@@ -499,6 +505,9 @@ impl Runtime {
             config: config.clone(),
             serial: None,
             peer: peer_sockets,
+            watchdog: None,
+            next_pet: Instant::default(),
+            pets: 0,
             clients: (0..NBD_CONNECTION_COUNT_MAX + NBD_REFUSED_CONNECTION_COUNT_MAX)
                 .map(|_| None)
                 .collect(),
@@ -508,6 +517,10 @@ impl Runtime {
             volume,
         };
         let mut runtime = runtime;
+        if let Err(e) = runtime.arm_watchdog() {
+            runtime.remove_sockets();
+            return Err(e);
+        }
         runtime.open_serial();
         if let Err(e) = runtime.register_all() {
             runtime.remove_sockets();
@@ -556,6 +569,58 @@ impl Runtime {
             ))
         })?;
         Ok((disk, volume))
+    }
+
+    /// Arms `[watchdog] device` (test mode, `"none"`, arms nothing). A configured watchdog that
+    /// cannot be armed refuses the start: a node that cannot be fenced must not serve.
+    fn arm_watchdog(&mut self) -> Result<(), StartError> {
+        let Some(config) = &self.config.watchdog else {
+            return Ok(());
+        };
+        let WatchdogDevice::Path(path) = &config.device else {
+            log::info!("watchdog: test mode (device = \"none\"), nothing armed");
+            return Ok(());
+        };
+        let watchdog = Watchdog::open(path, config.timeout_s).map_err(|e| {
+            StartError::Internal(format!("watchdog {}: cannot arm it: {e}", path.display()))
+        })?;
+        log::info!(
+            "watchdog armed (device={} timeout_s={} asked={})",
+            path.display(),
+            watchdog.timeout_s(),
+            config.timeout_s
+        );
+        self.node.note_watchdog(WatchdogStatus {
+            armed: true,
+            timeout_s: watchdog.timeout_s(),
+            pets: 0,
+        });
+        self.next_pet = now();
+        self.watchdog = Some(watchdog);
+        Ok(())
+    }
+
+    /// Pets the watchdog when due: four times per timeout, from the loop itself, so a loop that
+    /// stops turning (a hang, a stall, a deadlock) stops the pets and the board resets.
+    fn pet_watchdog(&mut self, now: Instant) {
+        let Some(watchdog) = self.watchdog.as_mut() else {
+            return;
+        };
+        if now < self.next_pet {
+            return;
+        }
+        match watchdog.pet() {
+            Ok(()) => self.pets += 1,
+            Err(e) => log::error!("watchdog: pet failed (error={e})"),
+        }
+        let interval_ms = u64::from(watchdog.timeout_s()) * 1000 / 4;
+        self.next_pet = now.plus_millis(interval_ms.max(100));
+        let status = WatchdogStatus {
+            armed: true,
+            timeout_s: watchdog.timeout_s(),
+            pets: self.pets,
+        };
+        self.node.note_watchdog(status);
     }
 
     /// Opens `[console] tty`. A console that cannot be opened is reported and left out: the
@@ -810,6 +875,7 @@ impl Runtime {
                 self.node.handle_timeout(now);
             }
             self.maintain_links(now);
+            self.pet_watchdog(now);
             self.expire_controls(now);
             self.expire_stalled_clients(now);
             self.drain_outputs();
@@ -834,6 +900,7 @@ impl Runtime {
             stall,
             self.controls.iter().flatten().map(|c| c.deadline).min(),
             self.peer.as_ref().and_then(peer::PeerSockets::poll_timeout),
+            self.watchdog.as_ref().map(|_| self.next_pet),
         ]
         .into_iter()
         .flatten()
