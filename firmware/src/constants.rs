@@ -55,7 +55,7 @@ pub const CONTROL_LINE_BYTES_MAX: usize = 4096;
 /// How long a control client may take to send its command.
 pub const CONTROL_CLIENT_TIMEOUT_MS: u64 = 5_000;
 
-/// Control connections served at once.
+/// Control and metrics connections served at once (they share the slots).
 pub const CONTROL_CONNECTION_COUNT_MAX: usize = 8;
 
 const _: () = assert!(IO_IN_FLIGHT_COUNT_MAX as u32 <= tandem_board::disk::RING_ENTRIES);
@@ -71,6 +71,3 @@ pub const EVENTS_COUNT_MAX: usize = 256;
 /// Log lines waiting for the serial console; past this the oldest are dropped (a console nobody
 /// reads must not grow memory).
 pub const CONSOLE_LOG_QUEUE_COUNT_MAX: usize = 128;
-
-/// Metrics scrapes served at once; a scraper that hangs is dropped after the control timeout.
-pub const METRICS_CONNECTION_COUNT_MAX: usize = 4;

@@ -31,13 +31,6 @@ impl LatencyHistogram {
 }
 use std::fmt::Write;
 
-fn json_name<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 /// Escapes a label value (backslash, quote, newline), as the text format asks.
 fn label(value: &str) -> String {
     value
@@ -73,7 +66,7 @@ pub fn render(status: &Status) -> String {
         text: String::new(),
         node: label(&status.node),
     };
-    let role = format!("role=\"{}\"", json_name(&status.role));
+    let role = format!("role=\"{}\"", status.role.name());
     out.metric(
         "role",
         "gauge",
@@ -86,14 +79,14 @@ pub fn render(status: &Status) -> String {
         "The role epoch.",
         &[("", status.epoch as f64)],
     );
-    let disk = format!("state=\"{}\"", json_name(&status.disk));
+    let disk = format!("state=\"{}\"", status.disk.name());
     out.metric(
         "disk_state",
         "gauge",
         "The local disk's state (1 for the state in the label).",
         &[(&disk, 1.0)],
     );
-    let peer = format!("state=\"{}\"", json_name(&status.peer));
+    let peer = format!("state=\"{}\"", status.peer.name());
     out.metric(
         "peer_state",
         "gauge",

@@ -67,6 +67,45 @@ pub enum PeerState {
     None,
 }
 
+impl Role {
+    /// The word `status` (and its JSON) uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+            Role::Standalone => "standalone",
+            Role::Fenced => "fenced",
+            Role::Unconfigured => "unconfigured",
+        }
+    }
+}
+
+impl DiskState {
+    /// The word `status` (and its JSON) uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskState::UpToDate => "uptodate",
+            DiskState::Consistent => "consistent",
+            DiskState::Outdated => "outdated",
+            DiskState::Inconsistent => "inconsistent",
+            DiskState::Syncing => "syncing",
+            DiskState::Diskless => "diskless",
+        }
+    }
+}
+
+impl PeerState {
+    /// The word `status` (and its JSON) uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerState::Connected => "connected",
+            PeerState::Half => "half",
+            PeerState::Lost => "lost",
+            PeerState::None => "none",
+        }
+    }
+}
+
 /// What the runtime must do for the node.
 #[derive(Debug)]
 pub enum Output {
@@ -358,11 +397,6 @@ impl Node {
         Some(self.peer.as_ref()?.info(link, self.now))
     }
 
-    /// Requests in flight (the runtime waits for zero before a clean exit).
-    pub fn in_flight_count(&self) -> usize {
-        self.server.in_flight_count()
-    }
-
     // ---- inputs --------------------------------------------------------------------------
 
     /// Time passed.
@@ -574,5 +608,42 @@ impl Node {
                 Output::Disk { tag, request }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_the_words_the_json_uses() {
+        let json = |value: serde_json::Value| value.as_str().map(str::to_string);
+        for role in [
+            Role::Primary,
+            Role::Secondary,
+            Role::Standalone,
+            Role::Fenced,
+            Role::Unconfigured,
+        ] {
+            assert_eq!(json(serde_json::json!(role)).as_deref(), Some(role.name()));
+        }
+        for disk in [
+            DiskState::UpToDate,
+            DiskState::Consistent,
+            DiskState::Outdated,
+            DiskState::Inconsistent,
+            DiskState::Syncing,
+            DiskState::Diskless,
+        ] {
+            assert_eq!(json(serde_json::json!(disk)).as_deref(), Some(disk.name()));
+        }
+        for peer in [
+            PeerState::Connected,
+            PeerState::Half,
+            PeerState::Lost,
+            PeerState::None,
+        ] {
+            assert_eq!(json(serde_json::json!(peer)).as_deref(), Some(peer.name()));
+        }
     }
 }

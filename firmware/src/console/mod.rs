@@ -163,31 +163,24 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
-fn json_name<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "?".to_string())
-}
-
 /// The compact human view of a status, in the spirit of `drbdadm status`.
 pub fn render_status(status: &Status) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "{} role:{} epoch:{}\n",
         status.node,
-        json_name(&status.role),
+        status.role.name(),
         status.epoch
     ));
     out.push_str(&format!(
         "  volume disk:{} size:{} backing:{}\n",
-        json_name(&status.disk),
+        status.disk.name(),
         human_bytes(status.volume_bytes),
         status.backing
     ));
     out.push_str(&format!(
         "  peer:{} heartbeat:{} lan:{} uplink:{}\n",
-        json_name(&status.peer),
+        status.peer.name(),
         status.links.heartbeat,
         status.links.lan,
         status.uplink

@@ -332,12 +332,6 @@ impl Server {
 
     // ---- commands ------------------------------------------------------------------------
 
-    /// Changes what the export looks like (size, or whether this node serves). Sessions already
-    /// in transmission are not affected; the node closes them when it stops serving.
-    pub fn set_export(&mut self, export: ExportInfo) {
-        self.export = export;
-    }
-
     /// The time now, for the latencies of requests admitted and finished from here on.
     pub fn set_now(&mut self, now: Instant) {
         self.now = self.now.max(now);

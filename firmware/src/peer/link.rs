@@ -155,10 +155,7 @@ pub struct PeerLinks {
 }
 
 fn index(link: LinkKind) -> usize {
-    match link {
-        LinkKind::Heartbeat => 0,
-        LinkKind::Lan => 1,
-    }
+    link.index()
 }
 
 impl PeerLinks {

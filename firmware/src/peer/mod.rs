@@ -173,6 +173,14 @@ pub enum LinkKind {
 }
 
 impl LinkKind {
+    /// 0 for the heartbeat link, 1 for the lan: where per-link state is kept in arrays.
+    pub fn index(self) -> usize {
+        match self {
+            LinkKind::Heartbeat => 0,
+            LinkKind::Lan => 1,
+        }
+    }
+
     /// The byte on the wire.
     pub fn to_byte(self) -> u8 {
         match self {

@@ -221,22 +221,23 @@ fn now() -> Instant {
     Instant::from_millis(ms)
 }
 
-/// 16 random bytes from the kernel.
-fn random_id() -> Result<[u8; 16], StartError> {
-    let mut id = [0u8; 16];
+/// `N` random bytes from the kernel.
+fn random_bytes<const N: usize>() -> rustix::io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
     let mut filled = 0;
-    while filled < id.len() {
-        match rustix::rand::getrandom(&mut id[filled..], rustix::rand::GetRandomFlags::empty()) {
+    while filled < N {
+        match rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty()) {
             Ok(n) => filled += n,
             Err(rustix::io::Errno::INTR) => {}
-            Err(e) => {
-                return Err(StartError::Internal(format!(
-                    "cannot draw random bytes: {e}"
-                )))
-            }
+            Err(e) => return Err(e),
         }
     }
-    Ok(id)
+    Ok(bytes)
+}
+
+/// A fresh volume identity.
+fn random_id() -> Result<[u8; 16], StartError> {
+    random_bytes().map_err(|e| StartError::Internal(format!("cannot draw random bytes: {e}")))
 }
 
 /// Opens the backing device named in `config`.
@@ -530,10 +531,7 @@ impl Runtime {
         log::info!(
             "started (node={} role={} volume_bytes={} nbd_socket={})",
             status.node,
-            serde_json::to_value(status.role)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            status.role.name(),
             runtime.volume.layout.volume_bytes,
             config.volume.nbd_socket.display()
         );
@@ -651,11 +649,7 @@ impl Runtime {
 
     fn prompt(&self) -> String {
         let status = self.node.status();
-        let role = serde_json::to_value(status.role)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        format!("{}({role})> ", status.node)
+        format!("{}({})> ", status.node, status.role.name())
     }
 
     /// Reads what the operator typed and answers each complete line.

@@ -44,10 +44,7 @@ const LINK_EVENTS: epoll::EventFlags = epoll::EventFlags::IN
     .union(epoll::EventFlags::RDHUP);
 
 fn index(link: LinkKind) -> usize {
-    match link {
-        LinkKind::Heartbeat => 0,
-        LinkKind::Lan => 1,
-    }
+    link.index()
 }
 
 /// The socket slots of a link.
@@ -169,17 +166,8 @@ fn connect_from(local: SocketAddr, remote: SocketAddr) -> std::io::Result<TcpStr
     }
 }
 fn random_nonce() -> [u8; 32] {
-    let mut nonce = [0u8; 32];
-    let mut filled = 0;
-    while filled < nonce.len() {
-        match rustix::rand::getrandom(&mut nonce[filled..], rustix::rand::GetRandomFlags::empty()) {
-            Ok(n) => filled += n,
-            Err(rustix::io::Errno::INTR) => {}
-            // The kernel's generator does not fail once booted; a bug if it does.
-            Err(e) => panic!("getrandom failed: {e}"),
-        }
-    }
-    nonce
+    // The kernel's generator does not fail once booted; a bug if it does.
+    super::random_bytes().unwrap_or_else(|e| panic!("getrandom failed: {e}"))
 }
 pub(super) fn read_key(config: &Config) -> Result<Option<[u8; PEER_KEY_BYTES]>, StartError> {
     let Some(peer) = &config.peer else {
