@@ -15,6 +15,7 @@ use crate::nbd::{
 };
 use crate::peer::link::{LinkConn, LinkInfo, LinkOutput, LinkSettings, LinkState, PeerLinks};
 use crate::peer::{LinkKind, Role as LinkRole, PEER_NONCE_BYTES};
+use crate::replication::engine::{EngineOutput, LoadedState, Mirror, MirrorSettings};
 use crate::time::Instant;
 use crate::wire::nbd::errno;
 use tandem_board::{DiskCompletion, DiskDone, DiskRequest, IoBuf};
@@ -123,6 +124,13 @@ pub enum Output {
     LinkSend { conn: LinkConn, bytes: Vec<u8> },
     /// Close a link connection (the runtime reconnects).
     LinkClose { conn: LinkConn },
+    /// Write metadata synchronously (after an fdatasync when `flush_first`) and make it durable
+    /// before carrying out any later output.
+    Metadata {
+        offset: u64,
+        bytes: Vec<u8>,
+        flush_first: bool,
+    },
 }
 
 /// Progress of the current or most recent resync.
@@ -196,6 +204,14 @@ pub struct Status {
     pub warnings: Vec<String>,
     /// Resync progress.
     pub sync: SyncProgress,
+    /// A resync is running.
+    pub sync_running: bool,
+    /// Bytes this node knows may differ from the peer (its dirty bitmap).
+    pub out_of_sync_bytes: u64,
+    /// The data generation (hex).
+    pub generation: String,
+    /// The online verify, when one ran.
+    pub verify: Option<VerifyStatus>,
     /// Size of the exported volume.
     pub volume_bytes: u64,
     /// The backing device.
@@ -208,6 +224,15 @@ pub struct Status {
     pub requests_in_flight: usize,
     /// I/O counters.
     pub io: ServerCounters,
+}
+
+/// What `status` shows of the online verify.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyStatus {
+    pub running: bool,
+    pub checked_bytes: u64,
+    /// Ranges `[offset, len]` whose copies differed (they are resynced).
+    pub mismatches: Vec<(u64, u64)>,
 }
 
 /// How a node starts.
@@ -244,8 +269,8 @@ pub struct Node {
     server: Server,
     started_at: Instant,
     now: Instant,
-    /// The links to the peer, when one is configured.
-    peer: Option<PeerLinks>,
+    /// The mirror (links to the peer and the replication engine), when a peer is configured.
+    mirror: Option<Box<Mirror>>,
     /// The operator suspended automatic failover (not persisted: a restart resumes it).
     maintenance: bool,
     /// What the runtime reports of the hardware watchdog.
@@ -266,21 +291,26 @@ impl Node {
             server: Server::new(export),
             started_at: now,
             now,
-            peer: None,
+            mirror: None,
             maintenance: false,
             watchdog: WatchdogStatus::default(),
         }
     }
 
     /// A node with a peer. It starts as a secondary whose disk is `consistent` (whole, freshness
-    /// unknown) and refuses NBD clients until the pair decides who serves. Mirroring itself is
-    /// not built yet (docs/REPLICATION.md): today the node brings up and keeps up its
-    /// authenticated links and reports them.
-    pub fn new_paired(settings: NodeSettings, links: LinkSettings, now: Instant) -> Node {
+    /// unknown) and refuses NBD clients until the pair decides who serves (docs/REPLICATION.md).
+    pub fn new_paired(
+        settings: NodeSettings,
+        links: LinkSettings,
+        mirror: MirrorSettings,
+        loaded: LoadedState,
+        now: Instant,
+    ) -> Node {
         let export = ExportInfo {
             size_bytes: settings.volume_bytes,
             is_serving: false,
         };
+        let mirror = Mirror::new(mirror, PeerLinks::new(links), loaded, now);
         Node {
             settings,
             role: Role::Secondary,
@@ -288,17 +318,36 @@ impl Node {
             server: Server::new(export),
             started_at: now,
             now,
-            peer: Some(PeerLinks::new(links)),
+            mirror: Some(Box::new(mirror)),
             maintenance: false,
             watchdog: WatchdogStatus::default(),
         }
+    }
+
+    /// The persistent state of a node with a peer (written at a clean stop).
+    pub fn superblock(&self) -> Option<&crate::metadata::Superblock> {
+        self.mirror.as_ref().map(|m| m.superblock())
+    }
+
+    /// True when no request of the node is in flight anywhere.
+    pub fn is_quiet(&self) -> bool {
+        self.mirror.as_ref().is_none_or(|m| m.is_quiet())
     }
 
     // ---- getters -------------------------------------------------------------------------
 
     /// The node's status now.
     pub fn status(&self) -> Status {
-        let (peer, links, mut not_ready_reasons, warnings) = match &self.peer {
+        let mut sync = SyncProgress::default();
+        let mut sync_running = false;
+        let mut out_of_sync_bytes = 0;
+        let mut generation = String::new();
+        let mut verify = None;
+        let (role, disk, epoch) = match &self.mirror {
+            None => (self.role, self.disk, 0),
+            Some(m) => (m.role(), m.disk_state(), m.epoch()),
+        };
+        let (peer, links, mut not_ready_reasons, warnings) = match &self.mirror {
             None => (
                 PeerState::None,
                 LinkStates {
@@ -308,20 +357,31 @@ impl Node {
                 vec!["no peer configured (standalone node)".to_string()],
                 Vec::new(),
             ),
-            Some(peer) => {
-                let heartbeat = peer.state(LinkKind::Heartbeat);
-                let lan = peer.state(LinkKind::Lan);
-                let connected = peer.is_connected();
-                let state = if connected {
-                    PeerState::Connected
-                } else {
-                    PeerState::Lost
+            Some(mirror) => {
+                let links = mirror.links();
+                let heartbeat = links.state(LinkKind::Heartbeat);
+                let lan = links.state(LinkKind::Lan);
+                let connected = links.is_connected();
+                let progress = mirror.resync_progress();
+                sync = SyncProgress {
+                    done_bytes: progress.done_bytes,
+                    total_bytes: progress.total_bytes,
                 };
-                let mut reasons = Vec::new();
-                if !connected {
-                    reasons.push("peer lost".to_string());
-                }
-                reasons.push("mirroring is not built yet: both nodes stay secondary".to_string());
+                sync_running = progress.running;
+                out_of_sync_bytes = mirror.dirty_bytes();
+                generation = format!("{:016x}", mirror.generations().current);
+                verify = mirror
+                    .verify_report()
+                    .map(|(running, checked_bytes, mismatches)| VerifyStatus {
+                        running,
+                        checked_bytes,
+                        mismatches,
+                    });
+                let mut reasons = mirror.not_ready_reasons();
+                reasons.push(
+                    "automatic failover is not built yet (switchover and promote --force work)"
+                        .to_string(),
+                );
                 let mut warnings = Vec::new();
                 if connected && heartbeat != LinkState::Up {
                     warnings.push(
@@ -338,7 +398,7 @@ impl Node {
                     heartbeat: heartbeat.name(),
                     lan: lan.name(),
                 };
-                (state, links, reasons, warnings)
+                (mirror.peer_link_state(), links, reasons, warnings)
             }
         };
         if self.maintenance {
@@ -353,17 +413,21 @@ impl Node {
             },
             maintenance: self.maintenance,
             node: self.settings.name.clone(),
-            role: self.role,
-            disk: self.disk,
+            role,
+            disk,
             peer,
             links,
             uplink: "unknown",
-            epoch: 0,
+            epoch,
             auto_failover: false,
             ready_for_failover: false,
             not_ready_reasons,
             warnings,
-            sync: SyncProgress::default(),
+            sync,
+            sync_running,
+            out_of_sync_bytes,
+            generation,
+            verify,
             volume_bytes: self.settings.volume_bytes,
             backing: self.settings.backing.clone(),
             uptime_s: self.now.millis_since(self.started_at) / 1000,
@@ -375,7 +439,7 @@ impl Node {
 
     /// The earliest instant at which `handle_timeout` should run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let links = self.peer.as_ref().and_then(PeerLinks::poll_timeout);
+        let links = self.mirror.as_ref().and_then(|m| m.poll_timeout());
         match (self.server.poll_timeout(), links) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -384,7 +448,7 @@ impl Node {
 
     /// The connection that is a link's session (or its only handshake), if any.
     pub fn link_current_conn(&self, link: LinkKind) -> Option<LinkConn> {
-        self.peer.as_ref()?.current_conn(link)
+        self.mirror.as_ref()?.links().current_conn(link)
     }
 
     /// The runtime armed or petted the hardware watchdog.
@@ -394,7 +458,7 @@ impl Node {
 
     /// One link to the peer, for `links` (`None` without a peer).
     pub fn link_info(&self, link: LinkKind) -> Option<LinkInfo> {
-        Some(self.peer.as_ref()?.info(link, self.now))
+        Some(self.mirror.as_ref()?.links().info(link, self.now))
     }
 
     // ---- inputs --------------------------------------------------------------------------
@@ -403,8 +467,8 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
         self.server.handle_timeout(now);
-        if let Some(peer) = self.peer.as_mut() {
-            peer.handle_timeout(now);
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.handle_timeout(now);
         }
     }
 
@@ -418,21 +482,26 @@ impl Node {
         now: Instant,
     ) -> Option<LinkConn> {
         self.now = now;
-        Some(self.peer.as_mut()?.handle_connected(link, role, nonce, now))
+        Some(
+            self.mirror
+                .as_mut()?
+                .handle_link_connected(link, role, nonce, now),
+        )
     }
 
     /// Bytes from the peer on a link connection.
     pub fn handle_link_bytes(&mut self, conn: LinkConn, bytes: &[u8], now: Instant) {
         self.now = now;
-        if let Some(peer) = self.peer.as_mut() {
-            peer.handle_bytes(conn, bytes, now);
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.handle_link_bytes(conn, bytes, now);
         }
     }
 
     /// A link connection ended.
     pub fn handle_link_closed(&mut self, conn: LinkConn) {
-        if let Some(peer) = self.peer.as_mut() {
-            peer.handle_closed(conn);
+        let now = self.now;
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.handle_link_closed(conn, now);
         }
     }
 
@@ -471,6 +540,10 @@ impl Node {
     pub fn handle_disk_completion(&mut self, completion: DiskCompletion, now: Instant) {
         self.now = now;
         self.server.set_now(now);
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.handle_disk_completion(completion, now);
+            return;
+        }
         let origin = completion.tag >> TAG_ORIGIN_SHIFT;
         assert_eq!(
             origin, TAG_ORIGIN_CLIENT,
@@ -521,6 +594,9 @@ impl Node {
                     };
                     log::warn!("maintenance mode {state}");
                 }
+                if let Some(mirror) = self.mirror.as_mut() {
+                    mirror.set_maintenance(on);
+                }
                 let text = if on {
                     "maintenance on: automatic failover is suspended until 'maintenance off'"
                 } else {
@@ -535,20 +611,32 @@ impl Node {
                 ok: true,
                 text: console::help_text().to_string(),
             },
-            Ok(command) if self.peer.is_none() => CommandReply {
+            Ok(command) if self.mirror.is_none() => CommandReply {
                 ok: false,
                 text: format!(
                     "{}: not available on a standalone node (no [peer] configured)",
                     command.name()
                 ),
             },
-            Ok(command) => CommandReply {
-                ok: false,
-                text: format!(
-                    "{}: not available yet: mirroring is not built in this version",
-                    command.name()
-                ),
-            },
+            Ok(command) => {
+                let Some(mirror) = self.mirror.as_mut() else {
+                    return CommandReply {
+                        ok: false,
+                        text: format!("{}: not available", command.name()),
+                    };
+                };
+                let (ok, text) = match command {
+                    Command::Switchover => mirror.start_switchover(),
+                    Command::PromoteForce => mirror.force_promote(),
+                    Command::ResolveSplitBrain { keep } => mirror.resolve_split_brain(&keep),
+                    Command::Verify => mirror.start_verify(),
+                    other => (
+                        false,
+                        format!("{}: not available from here", other.name()),
+                    ),
+                };
+                CommandReply { ok, text }
+            }
             Err(CommandError::Empty) => CommandReply {
                 ok: true,
                 text: String::new(),
@@ -569,45 +657,79 @@ impl Node {
 
     /// The next thing for the runtime to do.
     pub fn poll_output(&mut self) -> Option<Output> {
-        if let Some(output) = self.peer.as_mut().and_then(PeerLinks::poll_output) {
+        loop {
+            if let Some(mirror) = self.mirror.as_mut() {
+                if let Some(output) = mirror.poll_link_output() {
+                    return Some(match output {
+                        LinkOutput::Send { conn, bytes } => Output::LinkSend { conn, bytes },
+                        LinkOutput::Close { conn } => Output::LinkClose { conn },
+                    });
+                }
+                match mirror.poll_output() {
+                    Some(EngineOutput::Disk { tag, request }) => {
+                        return Some(Output::Disk { tag, request })
+                    }
+                    Some(EngineOutput::Metadata {
+                        offset,
+                        bytes,
+                        flush_first,
+                    }) => {
+                        return Some(Output::Metadata {
+                            offset,
+                            bytes,
+                            flush_first,
+                        })
+                    }
+                    Some(EngineOutput::Done { tag, done }) => {
+                        self.server.handle_volume_done(tag, done);
+                        continue;
+                    }
+                    Some(EngineOutput::Serving(serving)) => {
+                        self.server.set_serving(serving);
+                        continue;
+                    }
+                    None => {}
+                }
+            }
+            let output = self.server.poll_output()?;
             return Some(match output {
-                LinkOutput::Send { conn, bytes } => Output::LinkSend { conn, bytes },
-                LinkOutput::Close { conn } => Output::LinkClose { conn },
+                ServerOutput::Send { conn, head, data } => Output::Send { conn, head, data },
+                ServerOutput::Close { conn } => Output::Close { conn },
+                ServerOutput::Volume { tag, request } => {
+                    if let Some(mirror) = self.mirror.as_mut() {
+                        mirror.submit(tag, request, self.now);
+                        continue;
+                    }
+                    let tag = (TAG_ORIGIN_CLIENT << TAG_ORIGIN_SHIFT) | tag;
+                    Output::Disk {
+                        tag,
+                        request: volume_to_disk(request),
+                    }
+                }
             });
         }
-        let output = self.server.poll_output()?;
-        Some(match output {
-            ServerOutput::Send { conn, head, data } => Output::Send { conn, head, data },
-            ServerOutput::Close { conn } => Output::Close { conn },
-            ServerOutput::Volume { tag, request } => {
-                let tag = (TAG_ORIGIN_CLIENT << TAG_ORIGIN_SHIFT) | tag;
-                let request = match request {
-                    VolumeRequest::Read { offset, buf } => DiskRequest::Read { offset, buf },
-                    VolumeRequest::Write { offset, buf, fua } => {
-                        DiskRequest::Write { offset, buf, fua }
-                    }
-                    VolumeRequest::Flush => DiskRequest::Flush,
-                    VolumeRequest::Trim { offset, len, fua } => {
-                        DiskRequest::Discard { offset, len, fua }
-                    }
-                    VolumeRequest::WriteZeroes {
-                        offset,
-                        len,
-                        may_deallocate,
-                        fua,
-                    } => DiskRequest::WriteZeroes {
-                        offset,
-                        len,
-                        may_deallocate,
-                        fua,
-                    },
-                    VolumeRequest::MapExtents { offset, len } => {
-                        DiskRequest::MapExtents { offset, len }
-                    }
-                };
-                Output::Disk { tag, request }
-            }
-        })
+    }
+}
+
+/// The disk request that carries out a volume request on the local disk.
+fn volume_to_disk(request: VolumeRequest) -> DiskRequest {
+    match request {
+        VolumeRequest::Read { offset, buf } => DiskRequest::Read { offset, buf },
+        VolumeRequest::Write { offset, buf, fua } => DiskRequest::Write { offset, buf, fua },
+        VolumeRequest::Flush => DiskRequest::Flush,
+        VolumeRequest::Trim { offset, len, fua } => DiskRequest::Discard { offset, len, fua },
+        VolumeRequest::WriteZeroes {
+            offset,
+            len,
+            may_deallocate,
+            fua,
+        } => DiskRequest::WriteZeroes {
+            offset,
+            len,
+            may_deallocate,
+            fua,
+        },
+        VolumeRequest::MapExtents { offset, len } => DiskRequest::MapExtents { offset, len },
     }
 }
 

@@ -14,6 +14,7 @@
 //! Every wait here has a deadline: a hung daemon or client fails the test, it never hangs it.
 
 pub mod nbd_wire;
+pub mod pair;
 pub mod sim;
 
 use std::fs;
@@ -610,6 +611,10 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            // A failing test shows what every node it started said.
+            eprintln!("--- log of {}:\n{}", self.config.name, self.stderr_log());
+        }
     }
 }
 

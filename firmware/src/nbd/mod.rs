@@ -337,6 +337,30 @@ impl Server {
         self.now = self.now.max(now);
     }
 
+    /// Starts or stops serving the volume (the node became primary, or stopped being it).
+    /// Stopping closes every session: requests in flight still finish, their answers are
+    /// dropped, and new clients are refused at the handshake.
+    pub fn set_serving(&mut self, serving: bool) {
+        self.export.is_serving = serving;
+        if serving {
+            return;
+        }
+        let open: Vec<ConnId> = self
+            .sessions
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| {
+                s.as_ref().map(|s| ConnId {
+                    slot: slot as u16,
+                    generation: s.generation,
+                })
+            })
+            .collect();
+        for conn in open {
+            self.close(conn);
+        }
+    }
+
     /// Gives back a buffer that was sent (or could not be).
     pub fn recycle(&mut self, buf: IoBuf) {
         self.pool.give_back(buf);

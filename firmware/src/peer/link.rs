@@ -12,6 +12,7 @@
 //! only frame kind after the handshake is the keepalive.
 
 use super::{
+    FRAME_HEADER_BYTES,
     frame_kind, Established, FrameDecoder, Handshake, HandshakeConfig, HandshakeError, LinkKind,
     Role, Session, PEER_KEY_BYTES, PEER_NONCE_BYTES, PEER_VOLUME_ID_BYTES,
 };
@@ -68,6 +69,21 @@ pub enum LinkOutput {
     Send { conn: LinkConn, bytes: Vec<u8> },
     /// Close the connection (the runtime reconnects later).
     Close { conn: LinkConn },
+}
+
+/// What happened on the links, for the replication engine.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// A link's session is established (authenticated both ways).
+    Up(LinkKind),
+    /// A link's session ended.
+    Down(LinkKind),
+    /// An application frame (not a keepalive) arrived on a link.
+    Frame {
+        link: LinkKind,
+        kind: u8,
+        body: Vec<u8>,
+    },
 }
 
 /// What the links need to know, from the config and the volume.
@@ -152,6 +168,7 @@ pub struct PeerLinks {
     peer_volume_id: Option<[u8; PEER_VOLUME_ID_BYTES]>,
     last_heard: Option<Instant>,
     outputs: VecDeque<LinkOutput>,
+    events: VecDeque<LinkEvent>,
 }
 
 fn index(link: LinkKind) -> usize {
@@ -170,6 +187,7 @@ impl PeerLinks {
             peer_volume_id: None,
             last_heard: None,
             outputs: VecDeque::new(),
+            events: VecDeque::new(),
         }
     }
 
@@ -256,6 +274,44 @@ impl PeerLinks {
     /// The next thing for the runtime to do.
     pub fn poll_output(&mut self) -> Option<LinkOutput> {
         self.outputs.pop_front()
+    }
+
+    /// The next link event for the replication engine.
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+
+    /// Closes one link's connection (the runtime reconnects).
+    pub fn drop_link(&mut self, link: LinkKind, reason: &str) {
+        if let Some(conn) = self.conn(link) {
+            self.close(conn, reason);
+        }
+    }
+
+    /// Closes both links' connections.
+    pub fn drop_all(&mut self, reason: &str) {
+        self.drop_link(LinkKind::Heartbeat, reason);
+        self.drop_link(LinkKind::Lan, reason);
+    }
+
+    /// Seals an application frame (`header` then `payload`) onto `link`'s session. False when
+    /// the link is not up, or the frame cannot be sealed (the session is then closed).
+    pub fn send(&mut self, link: LinkKind, kind: u8, header: &[u8], payload: &[u8]) -> bool {
+        let Link::Up { conn, session, .. } = &mut self.links[index(link)] else {
+            return false;
+        };
+        let conn = *conn;
+        let mut bytes = Vec::with_capacity(FRAME_HEADER_BYTES + header.len() + payload.len() + 16);
+        match session.seal(kind, header, payload, &mut bytes) {
+            Ok(()) => {
+                self.outputs.push_back(LinkOutput::Send { conn, bytes });
+                true
+            }
+            Err(e) => {
+                self.close(conn, &format!("cannot seal a frame ({e})"));
+                false
+            }
+        }
     }
 
     // ---- inputs --------------------------------------------------------------------------
@@ -420,11 +476,16 @@ impl PeerLinks {
                         }
                     }
                 }
-                Ok((kind, _)) => {
-                    // A kind this build does not know: a newer peer. Heard, but not acted on.
+                Ok((kind, body)) => {
+                    // Every other frame is the replication engine's (which ignores kinds it
+                    // does not know: a newer peer's).
                     *last_heard = now;
                     self.last_heard = Some(now);
-                    log::debug!("peer: ignoring a frame of unknown kind {kind:#x}");
+                    self.events.push_back(LinkEvent::Frame {
+                        link: conn.link,
+                        kind,
+                        body: body.to_vec(),
+                    });
                 }
                 Err(e) => {
                     // A frame that does not authenticate (forged, replayed, reordered) ends
@@ -452,6 +513,7 @@ impl PeerLinks {
         let was_up = matches!(self.links[index(conn.link)], Link::Up { .. });
         self.links[index(conn.link)] = Link::Down;
         if was_up {
+            self.events.push_back(LinkEvent::Down(conn.link));
             log::warn!(
                 "peer link down (link={} reason=connection closed)",
                 conn.link
@@ -560,6 +622,10 @@ impl PeerLinks {
             // the authenticated newcomer takes over.
             self.outputs.push_back(LinkOutput::Close { conn: old });
         }
+        if matches!(self.links[i], Link::Up { .. }) {
+            // Frames sent on the old session may be lost: the engine sees it go down.
+            self.events.push_back(LinkEvent::Down(conn.link));
+        }
         if self.peer_volume_id != Some(peer_volume_id) && peer_volume_id != self.settings.volume_id
         {
             log::info!(
@@ -582,6 +648,7 @@ impl PeerLinks {
             rtt_ms: None,
         };
         log::info!("peer link up (link={} peer={peer_name})", conn.link);
+        self.events.push_back(LinkEvent::Up(conn.link));
         self.handle_timeout(now);
         true
     }
@@ -590,6 +657,9 @@ impl PeerLinks {
     fn refuse(&mut self, conn: LinkConn, reason: &str) {
         let i = index(conn.link);
         if self.conn(conn.link) == Some(conn) {
+            if matches!(self.links[i], Link::Up { .. }) {
+                self.events.push_back(LinkEvent::Down(conn.link));
+            }
             self.links[i] = Link::Down;
         }
         if self.candidates[i].as_ref().is_some_and(|c| c.conn == conn) {
@@ -604,6 +674,9 @@ impl PeerLinks {
 
     /// Ends a session.
     fn close(&mut self, conn: LinkConn, reason: &str) {
+        if matches!(self.links[index(conn.link)], Link::Up { .. }) {
+            self.events.push_back(LinkEvent::Down(conn.link));
+        }
         self.links[index(conn.link)] = Link::Down;
         self.outputs.push_back(LinkOutput::Close { conn });
         log::warn!("peer link down (link={} reason={reason})", conn.link);

@@ -12,3 +12,5 @@
 pub mod activity_log;
 pub mod dirty_map;
 pub mod generation;
+pub mod engine;
+pub mod wire;

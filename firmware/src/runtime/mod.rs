@@ -236,6 +236,15 @@ fn random_bytes<const N: usize>() -> rustix::io::Result<[u8; N]> {
 }
 
 /// A fresh volume identity.
+fn random_u64s() -> Result<[u64; 2], StartError> {
+    let bytes = random_id()?;
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&bytes[..8]);
+    b.copy_from_slice(&bytes[8..]);
+    Ok([u64::from_le_bytes(a), u64::from_le_bytes(b)])
+}
+
 fn random_id() -> Result<[u8; 16], StartError> {
     random_bytes().map_err(|e| StartError::Internal(format!("cannot draw random bytes: {e}")))
 }
@@ -456,8 +465,22 @@ impl Runtime {
                 return Err(e);
             }
         };
-        // The volume is now open: until a clean exit says otherwise, it is not clean.
-        volume.superblock.flags &= !flags::CLEAN_SHUTDOWN;
+        // With a peer: the dirty bitmap and the activity log (a crashed primary's extents are
+        // made dirty, durably, before the start is recorded).
+        let loaded = if config.peer.is_some() {
+            match volume::load_replication(&disk, &volume.layout, &volume.superblock) {
+                Ok(loaded) => Some(loaded),
+                Err(e) => {
+                    sockets.remove();
+                    return Err(StartError::Backing(format!("cannot read metadata: {e}")));
+                }
+            }
+        } else {
+            None
+        };
+        // The volume is now open: until a clean exit says otherwise, it is not clean. A node
+        // starts as secondary.
+        volume.superblock.flags &= !(flags::CLEAN_SHUTDOWN | flags::WAS_PRIMARY);
         volume.superblock.sequence += 1;
         if let Err(e) = volume::write_superblock(&disk, &volume.layout, &volume.superblock) {
             sockets.remove();
@@ -477,8 +500,26 @@ impl Runtime {
             volume_bytes: volume.layout.volume_bytes,
         };
         let (peer_sockets, key) = peer_sockets;
-        let node = match (&config.peer, key) {
-            (Some(peer), Some(key)) => {
+        let node = match (&config.peer, key, loaded) {
+            (Some(peer), Some(key), Some(mut loaded)) => {
+                loaded.superblock = volume.superblock.clone();
+                let [boot_id, id_seed] = random_u64s()?;
+                let preferred = config
+                    .cluster
+                    .preferred
+                    .clone()
+                    .unwrap_or_else(|| config.node.name.clone().min(peer.name.clone()));
+                let mirror = crate::replication::engine::MirrorSettings {
+                    node_name: config.node.name.clone(),
+                    peer_name: peer.name.clone(),
+                    // Exactly one node of a pair is preferred: the configured one, else the
+                    // name that sorts first.
+                    preferred: preferred == config.node.name,
+                    peer_preferred: preferred == peer.name,
+                    dead_time_ms: u64::from(config.cluster.dead_time_ms),
+                    boot_id,
+                    id_seed,
+                };
                 let links = crate::peer::link::LinkSettings {
                     key,
                     node_name: config.node.name.clone(),
@@ -487,8 +528,7 @@ impl Runtime {
                     heartbeat_interval_ms: u64::from(config.cluster.heartbeat_interval_ms),
                     dead_time_ms: u64::from(config.cluster.dead_time_ms),
                 };
-                log::warn!("mirroring is not built yet: this node brings up its links to {} and stays secondary", peer.name);
-                Node::new_paired(settings, links, now())
+                Node::new_paired(settings, links, mirror, loaded, now())
             }
             _ => Node::new_standalone(settings, now()),
         };
@@ -1167,6 +1207,24 @@ impl Runtime {
                     Output::Disk { tag, request } => self.disk.push(tag, request),
                     Output::LinkSend { conn, bytes } => self.send_link(conn, bytes),
                     Output::LinkClose { conn } => self.close_link(conn),
+                    Output::Metadata {
+                        offset,
+                        bytes,
+                        flush_first,
+                    } => {
+                        // Synchronous on purpose: nothing queued after it may reach the disk
+                        // (or a client) before it is durable. It is rare (a state change, a
+                        // cold activity-log extent, a bitmap block while alone).
+                        let result = if flush_first {
+                            self.disk.flush_sync()
+                        } else {
+                            Ok(())
+                        }
+                        .and_then(|()| self.disk.write_at_sync(offset, &bytes));
+                        if let Err(e) = result {
+                            log::error!("disk: cannot write metadata (offset={offset} error={e})");
+                        }
+                    }
                 }
             }
             if let Err(e) = self.disk.submit() {
@@ -1562,6 +1620,9 @@ impl Runtime {
         self.disk
             .flush_sync()
             .map_err(|e| StartError::Internal(format!("cannot flush the volume: {e}")))?;
+        if let Some(superblock) = self.node.superblock() {
+            self.volume.superblock = superblock.clone();
+        }
         self.volume.superblock.flags |= flags::CLEAN_SHUTDOWN;
         self.volume.superblock.sequence += 1;
         volume::write_superblock(&self.disk, &self.volume.layout, &self.volume.superblock)

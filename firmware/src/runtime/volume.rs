@@ -159,3 +159,82 @@ fn initialize(
         initialized: true,
     })
 }
+
+/// Reads the dirty bitmap and the activity log of a volume with a peer, at start. After a crash
+/// of a primary (it was primary and did not stop cleanly), the activity log's extents are marked
+/// in the bitmap and that is made durable before anything else is written (see
+/// `replication::activity_log`, "Recovery"). A bitmap or log that cannot be read whole makes
+/// every region dirty: a full resync, never a silent difference.
+pub fn load_replication(
+    disk: &LinuxDisk,
+    layout: &Layout,
+    superblock: &Superblock,
+) -> std::io::Result<crate::replication::engine::LoadedState> {
+    use crate::replication::activity_log::{self, ActivityLog, AlRecoverError, AL_RECORD_BYTES};
+    use crate::replication::dirty_map::{DirtyMap, BITMAP_BLOCK_BYTES};
+
+    let mut map = DirtyMap::for_layout(layout);
+    let mut block = vec![0u8; BITMAP_BLOCK_BYTES];
+    let mut bitmap_whole = true;
+    for index in 0..map.block_count() {
+        let offset = layout.bitmap_offset + index * BITMAP_BLOCK_BYTES as u64;
+        disk.read_at_sync(offset, &mut block)?;
+        if map.load_block(index, &block).is_err() {
+            bitmap_whole = false;
+            break;
+        }
+    }
+    if !bitmap_whole {
+        log::error!("volume: the dirty bitmap is damaged; every region will be resynced");
+        map.mark_all();
+    }
+    let mut records = vec![[0u8; AL_RECORD_BYTES]; metadata::ACTIVITY_LOG_SLOTS as usize];
+    for (i, record) in records.iter_mut().enumerate() {
+        disk.read_at_sync(
+            layout.activity_log_offset + i as u64 * AL_RECORD_BYTES as u64,
+            record,
+        )?;
+    }
+    let crashed =
+        superblock.has_flag(flags::WAS_PRIMARY) && !superblock.has_flag(flags::CLEAN_SHUTDOWN);
+    let mut crashed_extents = Vec::new();
+    let next = match activity_log::recover(&records) {
+        Ok(recovered) => {
+            if crashed {
+                for (offset, len) in recovered.byte_ranges(layout.volume_bytes) {
+                    map.mark(offset, len);
+                }
+                crashed_extents = recovered.extents().to_vec();
+            }
+            recovered.next_transaction_number()
+        }
+        Err(AlRecoverError::Incomplete {
+            next_transaction_number,
+            ..
+        }) => {
+            if crashed {
+                log::error!("volume: the activity log is damaged after a crash; every region will be resynced");
+                map.mark_all();
+            }
+            next_transaction_number
+        }
+        Err(AlRecoverError::RingSize { .. }) => 1,
+    };
+    if crashed {
+        log::warn!(
+            "volume: this node was primary and did not stop cleanly; the regions it was writing join the next resync (extents={})",
+            crashed_extents.len()
+        );
+    }
+    let blocks: Vec<_> = map.take_changed_blocks().collect();
+    for block in blocks {
+        disk.write_at_sync(layout.bitmap_offset + block.offset_in_bitmap, &block.bytes)?;
+    }
+    Ok(crate::replication::engine::LoadedState {
+        layout: *layout,
+        superblock: superblock.clone(),
+        map,
+        al: ActivityLog::new(next.max(1)),
+        crashed_extents,
+    })
+}

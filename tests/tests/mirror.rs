@@ -1,0 +1,317 @@
+//! Mirroring with two real `tandem` processes on loopback addresses: initial pairing, protocol
+//! C writes reaching both disks, a killed secondary caught up by a bitmap resync, a killed
+//! primary replaced by a forced promotion with every acknowledged write present, the heartbeat
+//! cable pulled while writes go on over the lan, a split brain detected and resolved by the
+//! operator, switchover, and verify.
+
+use std::time::Duration;
+use tandem_tests::pair::{self, file_head, is, links_up, Cable, Ports, A_IP, B_IP};
+use tandem_tests::{require_tools, run, Node, TempDir};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Pair {
+    dir: TempDir,
+    key: std::path::PathBuf,
+    ports: Ports,
+    cluster: String,
+    hb_remote: Option<String>,
+}
+
+impl Pair {
+    fn new(label: &str) -> Pair {
+        let dir = TempDir::new(label);
+        let key = dir.join("cluster.key");
+        pair::write_key(&key, 0x42);
+        Pair {
+            dir,
+            key,
+            ports: Ports::free(),
+            cluster: "preferred = \"nas-a\"\n".to_string(),
+            hb_remote: None,
+        }
+    }
+
+    fn start(&self, me: &str) -> Node {
+        let peer = if me == "a" { "b" } else { "a" };
+        let hb = if me == "a" {
+            self.hb_remote.as_deref()
+        } else {
+            None
+        };
+        Node::spawn(pair::config(
+            self.dir.path(),
+            me,
+            peer,
+            &self.ports,
+            &self.key,
+            hb,
+            &self.cluster,
+        ))
+    }
+}
+
+/// The offset of the `i`-th 64 KiB block of a workload that writes every `stride` bytes.
+fn block_offset(node: &Node, i: u64, stride: u64) -> u64 {
+    let span = node.volume_bytes() - (64 << 10);
+    (i * stride) % span / 4096 * 4096
+}
+
+/// Writes `count` blocks of 64 KiB through qemu-io, block `i` filled with `pattern + i`, each
+/// acknowledged before the next is issued.
+fn qemu_io_writes(node: &Node, pattern: u8, count: u64, stride: u64) -> bool {
+    let mut args = vec!["-f".to_string(), "raw".to_string()];
+    for i in 0..count {
+        let offset = block_offset(node, i, stride);
+        args.push("-c".to_string());
+        args.push(format!(
+            "write -P {} {offset} 64k",
+            pattern.wrapping_add(i as u8)
+        ));
+    }
+    args.push(node.nbd_uri());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run("qemu-io", &refs);
+    let ok = out.status.success() && !out.stdout.contains("error") && !out.stderr.contains("error");
+    if !ok {
+        eprintln!("qemu-io failed: {}\n{}", out.stdout, out.stderr);
+    }
+    ok
+}
+
+fn assert_replicas_equal(a: &Node, b: &Node) {
+    let len = a.volume_bytes();
+    let left = file_head(&a.config().backing, len);
+    let right = file_head(&b.config().backing, len);
+    if left != right {
+        let first = left.iter().zip(&right).position(|(x, y)| x != y);
+        panic!("replicas differ (first differing byte at {first:?})");
+    }
+}
+
+fn resync_finished(status: &serde_json::Value) -> bool {
+    status["sync_running"] == false && status["out_of_sync_bytes"] == 0
+}
+
+#[test]
+fn a_fresh_pair_pairs_without_copying_and_mirrors_every_write() {
+    if !require_tools(&["qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let pair = Pair::new("mirror-basic");
+    let a = pair.start("a");
+    let b = pair.start("b");
+    let status = pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    assert_eq!(
+        status["sync"]["total_bytes"], 0,
+        "two fresh devices copy nothing"
+    );
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    assert!(links_up(&a.status_json()));
+    // The secondary refuses clients; the primary serves.
+    assert!(!run("nbdinfo", &[&b.nbd_uri()]).status.success());
+    assert!(
+        qemu_io_writes(&a, 0x10, 64, 1 << 20),
+        "writes through the primary"
+    );
+    assert_replicas_equal(&a, &b);
+    // verify compares both copies and finds nothing.
+    assert!(!a.ctl(&["verify"]).stdout.is_empty());
+    let status = pair::wait_status(&a, "verify done", WAIT, |s| {
+        s["verify"]["running"] == false
+    });
+    assert_eq!(
+        status["verify"]["mismatches"],
+        serde_json::json!([]),
+        "{status:#}"
+    );
+    assert_eq!(status["verify"]["checked_bytes"], a.volume_bytes());
+}
+
+#[test]
+fn a_killed_secondary_catches_up_by_a_bitmap_resync() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let pair = Pair::new("mirror-kill-secondary");
+    let a = pair.start("a");
+    let mut b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    assert!(qemu_io_writes(&a, 0x20, 16, 1 << 20));
+    b.kill();
+    // The primary degrades (holds writes for the takeover window), then serves alone.
+    assert!(
+        qemu_io_writes(&a, 0x30, 32, 3 << 20),
+        "writes while the secondary is down"
+    );
+    let alone = a.status_json();
+    let dirty = alone["out_of_sync_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        dirty >= 32 * 64 * 1024,
+        "written regions are dirty: {alone:#}"
+    );
+    let b = pair.start("b");
+    let status = pair::wait_status(&a, "resync done", WAIT, |s| {
+        resync_finished(s) && s["sync"]["done_bytes"].as_u64() > Some(0)
+    });
+    let done = status["sync"]["done_bytes"].as_u64().unwrap_or(0);
+    // Only what changed moved: the bytes written meanwhile, in 64 KiB regions.
+    assert!(
+        done >= 32 * 64 * 1024 && done <= dirty,
+        "resynced {done} of {dirty} dirty bytes"
+    );
+    pair::wait_status(&b, "nas-b up to date", WAIT, is("secondary"));
+    assert_replicas_equal(&a, &b);
+}
+
+#[test]
+fn a_killed_primary_is_replaced_by_a_forced_promotion_with_every_write() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let pair = Pair::new("mirror-kill-primary");
+    let mut a = pair.start("a");
+    let b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    assert!(qemu_io_writes(&a, 0x40, 48, 5 << 20));
+    a.kill();
+    pair::wait_status(&b, "peer lost", WAIT, |s| s["peer"] == "lost");
+    // The operator's override: refused without --yes, accepted with it.
+    assert!(!b.ctl(&["promote", "--force"]).status.success());
+    b.ctl(&["--yes", "promote", "--force"])
+        .assert_success("promote --force");
+    pair::wait_status(&b, "nas-b primary", WAIT, is("primary"));
+    // Every write nas-a acknowledged is on nas-b.
+    let data = file_head(&b.config().backing, b.volume_bytes());
+    for i in 0..48u64 {
+        let offset = block_offset(&b, i, 5 << 20) as usize;
+        let want = 0x40u8.wrapping_add(i as u8);
+        assert!(
+            data[offset..offset + 65536].iter().all(|&x| x == want),
+            "acknowledged write {i} missing on the survivor"
+        );
+    }
+    assert!(qemu_io_writes(&b, 0x50, 8, 7 << 20), "the survivor serves");
+    // nas-a returns: it crashed as primary, and receives a bitmap resync.
+    let a = pair.start("a");
+    pair::wait_status(&a, "nas-a back as secondary", WAIT, is("secondary"));
+    pair::wait_status(&b, "resync done", WAIT, resync_finished);
+    assert_replicas_equal(&a, &b);
+}
+
+#[test]
+fn a_pulled_heartbeat_cable_moves_the_stream_to_the_lan() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let mut pair = Pair::new("mirror-hb-cut");
+    let cable = Cable::new(
+        "127.0.0.3",
+        A_IP,
+        &format!("{B_IP}:{}", pair.ports.heartbeat),
+    );
+    pair.hb_remote = Some(cable.listen.clone());
+    let a = pair.start("a");
+    let b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    pair::wait_status(&a, "both links up", WAIT, links_up);
+    cable.cut();
+    pair::wait_status(&a, "heartbeat down", WAIT, |s| {
+        s["links"]["heartbeat"] != "up"
+    });
+    assert!(
+        qemu_io_writes(&a, 0x60, 32, 1 << 20),
+        "writes with the heartbeat cable out"
+    );
+    let status = a.status_json();
+    assert_eq!(status["role"], "primary");
+    assert_eq!(
+        status["out_of_sync_bytes"], 0,
+        "mirrored over the lan: {status:#}"
+    );
+    assert!(
+        status["warnings"].to_string().contains("heartbeat"),
+        "{status:#}"
+    );
+    assert_replicas_equal(&a, &b);
+    cable.mend();
+    pair::wait_status(&a, "heartbeat back", WAIT, links_up);
+    assert!(qemu_io_writes(&a, 0x70, 16, 3 << 20));
+    assert_replicas_equal(&a, &b);
+    assert_eq!(b.status_json()["disk"], "uptodate");
+    assert_eq!(a.status_json()["out_of_sync_bytes"], 0);
+}
+
+#[test]
+fn a_split_brain_is_detected_and_resolved_by_the_operator() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let pair = Pair::new("mirror-split");
+    let mut a = pair.start("a");
+    let mut b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    assert!(qemu_io_writes(&a, 0x01, 8, 1 << 20));
+    // nas-b stops; nas-a writes alone.
+    b.stop();
+    assert!(qemu_io_writes(&a, 0x11, 4, 2 << 20));
+    a.stop();
+    // nas-b starts alone and is forced up; it writes too.
+    let b = pair.start("b");
+    b.ctl(&["--yes", "promote", "--force"])
+        .assert_success("promote nas-b");
+    assert!(qemu_io_writes(&b, 0x21, 4, 3 << 20));
+    // Both come back: neither copy is discarded on its own.
+    let a = pair.start("a");
+    pair::wait_status(&a, "split brain", WAIT, |s| {
+        s["not_ready_reasons"].to_string().contains("split brain")
+    });
+    assert_eq!(b.status_json()["role"], "primary");
+    assert!(
+        !b.ctl(&["resolve-split-brain", "--keep", "nas-b"])
+            .status
+            .success(),
+        "needs --yes"
+    );
+    b.ctl(&["--yes", "resolve-split-brain", "--keep", "nas-b"])
+        .assert_success("resolve");
+    pair::wait_status(&b, "resync done", WAIT, |s| {
+        s["role"] == "primary"
+            && resync_finished(s)
+            && !s["not_ready_reasons"].to_string().contains("split")
+    });
+    pair::wait_status(&a, "nas-a up to date", WAIT, is("secondary"));
+    let resynced = b.status_json()["sync"]["done_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        resynced > 0 && resynced <= 16 * 64 * 1024,
+        "only the diverged regions move: {resynced}"
+    );
+    assert_replicas_equal(&a, &b);
+}
+
+#[test]
+fn switchover_hands_the_role_to_the_peer() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let pair = Pair::new("mirror-switchover");
+    let a = pair.start("a");
+    let b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    assert!(qemu_io_writes(&a, 0x31, 8, 1 << 20));
+    let epoch_before = a.status_json()["epoch"].as_u64().unwrap_or(0);
+    assert!(!a.ctl(&["switchover"]).status.success(), "needs --yes");
+    a.ctl(&["--yes", "switchover"])
+        .assert_success("switchover");
+    pair::wait_status(&b, "nas-b primary", WAIT, is("primary"));
+    pair::wait_status(&a, "nas-a secondary", WAIT, is("secondary"));
+    let epoch_after = b.status_json()["epoch"].as_u64().unwrap_or(0);
+    assert!(epoch_after > epoch_before, "epoch {epoch_before} -> {epoch_after}");
+    assert!(qemu_io_writes(&b, 0x41, 8, 2 << 20));
+    assert_replicas_equal(&a, &b);
+}
