@@ -370,13 +370,7 @@ impl Node {
                 sync_running = progress.running;
                 out_of_sync_bytes = mirror.dirty_bytes();
                 generation = format!("{:016x}", mirror.generations().current);
-                verify = mirror
-                    .verify_report()
-                    .map(|(running, checked_bytes, mismatches)| VerifyStatus {
-                        running,
-                        checked_bytes,
-                        mismatches,
-                    });
+                verify = mirror.verify_report();
                 let mut reasons = mirror.not_ready_reasons();
                 reasons.push(
                     "automatic failover is not built yet (switchover and promote --force work)"
@@ -630,10 +624,7 @@ impl Node {
                     Command::PromoteForce => mirror.force_promote(),
                     Command::ResolveSplitBrain { keep } => mirror.resolve_split_brain(&keep),
                     Command::Verify => mirror.start_verify(),
-                    other => (
-                        false,
-                        format!("{}: not available from here", other.name()),
-                    ),
+                    other => (false, format!("{}: not available from here", other.name())),
                 };
                 CommandReply { ok, text }
             }

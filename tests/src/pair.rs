@@ -160,7 +160,9 @@ impl Cable {
                     (inbound.try_clone(), outbound.try_clone()),
                     (outbound.try_clone(), inbound.try_clone()),
                 ] {
-                    let (Ok(mut from), Ok(mut to)) = (from, to) else { continue };
+                    let (Ok(mut from), Ok(mut to)) = (from, to) else {
+                        continue;
+                    };
                     let (cut3, gen3) = (cut2.clone(), gen2.clone());
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 256 << 10];

@@ -117,9 +117,7 @@ fn a_fresh_pair_pairs_without_copying_and_mirrors_every_write() {
     assert_replicas_equal(&a, &b);
     // verify compares both copies and finds nothing.
     assert!(!a.ctl(&["verify"]).stdout.is_empty());
-    let status = pair::wait_status(&a, "verify done", WAIT, |s| {
-        s["verify"]["running"] == false
-    });
+    let status = pair::wait_status(&a, "verify done", WAIT, |s| s["verify"]["running"] == false);
     assert_eq!(
         status["verify"]["mismatches"],
         serde_json::json!([]),
@@ -306,12 +304,77 @@ fn switchover_hands_the_role_to_the_peer() {
     assert!(qemu_io_writes(&a, 0x31, 8, 1 << 20));
     let epoch_before = a.status_json()["epoch"].as_u64().unwrap_or(0);
     assert!(!a.ctl(&["switchover"]).status.success(), "needs --yes");
-    a.ctl(&["--yes", "switchover"])
-        .assert_success("switchover");
+    a.ctl(&["--yes", "switchover"]).assert_success("switchover");
     pair::wait_status(&b, "nas-b primary", WAIT, is("primary"));
     pair::wait_status(&a, "nas-a secondary", WAIT, is("secondary"));
     let epoch_after = b.status_json()["epoch"].as_u64().unwrap_or(0);
-    assert!(epoch_after > epoch_before, "epoch {epoch_before} -> {epoch_after}");
+    assert!(
+        epoch_after > epoch_before,
+        "epoch {epoch_before} -> {epoch_after}"
+    );
     assert!(qemu_io_writes(&b, 0x41, 8, 2 << 20));
     assert_replicas_equal(&a, &b);
+}
+
+#[test]
+fn the_primary_killed_under_load_loses_no_acknowledged_write() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tandem_tests::nbd_wire::RawClient;
+
+    let pair = Pair::new("mirror-kill-load");
+    let mut a = pair.start("a");
+    let b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    const WRITERS: u64 = 4;
+    const BLOCK: usize = 4 << 10;
+    // Each block is written once, by one writer: what the survivor holds is exactly the last
+    // acknowledged write, or one that was in flight at the cut.
+    let per_writer = a.volume_bytes() / BLOCK as u64 / WRITERS;
+    let acked: Arc<Mutex<Vec<(u64, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for writer in 0..WRITERS {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let socket = a.nbd_socket().to_path_buf();
+        threads.push(std::thread::spawn(move || {
+            let (mut client, _) = RawClient::connect_and_go(&socket);
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) && i < per_writer {
+                let block = writer + i * WRITERS;
+                let seed = (writer << 32) | i;
+                let data = tandem_tests::pseudo_random_bytes(seed, BLOCK);
+                match client.write(0, block * BLOCK as u64, &data) {
+                    Ok(0) => acked.lock().expect("lock").push((block, seed)),
+                    _ => return,
+                }
+                i += 1;
+            }
+        }));
+    }
+    // Cut the power mid-way through the load.
+    let half = (per_writer * WRITERS / 2) as usize;
+    tandem_tests::wait_until(Duration::from_secs(60), || {
+        acked.lock().expect("lock").len() >= half
+    });
+    a.kill();
+    stop.store(true, Ordering::SeqCst);
+    for thread in threads {
+        let _ = thread.join();
+    }
+    let acked = acked.lock().expect("lock").clone();
+    assert!(acked.len() > 20, "the load ran: {} writes", acked.len());
+    pair::wait_status(&b, "peer lost", WAIT, |s| s["peer"] == "lost");
+    b.ctl(&["--yes", "promote", "--force"])
+        .assert_success("promote --force");
+    let data = file_head(&b.config().backing, b.volume_bytes());
+    for &(block, seed) in &acked {
+        let at = block as usize * BLOCK;
+        assert!(
+            data[at..at + BLOCK] == tandem_tests::pseudo_random_bytes(seed, BLOCK)[..],
+            "acknowledged write to block {block} missing on the survivor (of {} acknowledged)",
+            acked.len()
+        );
+    }
 }

@@ -1,83 +1,24 @@
 //! Two real `tandem` processes with a `[peer]` section, on loopback addresses: both links come
 //! up authenticated, a secondary refuses NBD clients, a killed peer is seen and comes back, a
 //! wrong key is refused and reported once, and garbage on a link port changes nothing.
-//! (Mirroring itself is not built yet: both nodes stay secondary.)
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tandem_tests::{free_port, Node, NodeConfig, TempDir, BACKING_BYTES_DEFAULT};
+use tandem_tests::pair::{self, links_up, peer_lost, write_key, Ports, A_IP, B_IP};
+use tandem_tests::{Node, NodeConfig, TempDir};
 
-const A_IP: &str = "127.0.0.1";
-const B_IP: &str = "127.0.0.2";
-
-struct Ports {
-    heartbeat: u16,
-    lan: u16,
-}
-
-fn write_key(path: &Path, byte: u8) {
-    std::fs::write(path, [byte; 32]).expect("write key");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
-}
-
-/// A node of the pair; `me`/`peer` are "a" or "b". The node whose name sorts first (nas-a)
-/// connects; nas-b listens on the ports.
 fn pair_config(dir: &Path, me: &str, peer: &str, ports: &Ports, key: &Path) -> NodeConfig {
-    let (mine, theirs) = if me == "a" {
-        (A_IP, B_IP)
-    } else {
-        (B_IP, A_IP)
-    };
-    let mut config = NodeConfig::standalone(dir, &format!("nas-{me}"));
-    config.extra_toml = format!(
-        "\n[peer]\nname = \"nas-{peer}\"\nkey_file = \"{}\"\n\
-         heartbeat = {{ local = \"{mine}:{hb}\", remote = \"{theirs}:{hb}\" }}\n\
-         lan = {{ local = \"{mine}:{lan}\", remote = \"{theirs}:{lan}\" }}\n\
-         \n[watchdog]\ndevice = \"none\"\ntimeout_s = 5\n",
-        key.display(),
-        hb = ports.heartbeat,
-        lan = ports.lan,
-    );
-    config.create_backing(BACKING_BYTES_DEFAULT);
-    config
+    pair::config(dir, me, peer, ports, key, None, "")
 }
 
-/// Waits until `check` holds for the node's JSON status.
 fn wait_status(node: &Node, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = node.status_json();
-        if check(&status) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: status stayed {status:#}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn links_up(status: &serde_json::Value) -> bool {
-    status["peer"] == "connected"
-        && status["links"]["heartbeat"] == "up"
-        && status["links"]["lan"] == "up"
-}
-
-fn peer_lost(status: &serde_json::Value) -> bool {
-    status["peer"] == "lost"
-        && status["links"]["heartbeat"] == "down"
-        && status["links"]["lan"] == "down"
+    pair::wait_status(node, what, Duration::from_secs(10), check);
 }
 
 fn ports() -> Ports {
-    Ports {
-        heartbeat: free_port(B_IP),
-        lan: free_port(B_IP),
-    }
+    Ports::free()
 }
 
 #[test]
@@ -90,14 +31,13 @@ fn both_links_come_up_and_a_secondary_refuses_nbd() {
     let b = Node::spawn(pair_config(dir.path(), "b", "a", &ports, &key));
     wait_status(&a, "nas-a links", links_up);
     wait_status(&b, "nas-b links", links_up);
-    for node in [&a, &b] {
-        let status = node.status_json();
-        assert_eq!(status["role"], "secondary");
-        assert_eq!(status["disk"], "consistent");
-    }
+    // Two fresh devices pair in sync; with no `preferred` set, the name that sorts first
+    // becomes primary.
+    wait_status(&a, "nas-a primary", pair::is("primary"));
+    wait_status(&b, "nas-b secondary", pair::is("secondary"));
     // A secondary never completes a handshake with an NBD client.
     if tandem_tests::require_tools(&["nbdinfo"]) {
-        let out = tandem_tests::run("nbdinfo", &[&a.nbd_uri()]);
+        let out = tandem_tests::run("nbdinfo", &[&b.nbd_uri()]);
         assert!(
             !out.status.success(),
             "a secondary served nbdinfo: {}",

@@ -12,9 +12,8 @@
 //! only frame kind after the handshake is the keepalive.
 
 use super::{
-    FRAME_HEADER_BYTES,
     frame_kind, Established, FrameDecoder, Handshake, HandshakeConfig, HandshakeError, LinkKind,
-    Role, Session, PEER_KEY_BYTES, PEER_NONCE_BYTES, PEER_VOLUME_ID_BYTES,
+    Role, Session, FRAME_HEADER_BYTES, PEER_KEY_BYTES, PEER_NONCE_BYTES, PEER_VOLUME_ID_BYTES,
 };
 use crate::time::Instant;
 use std::collections::VecDeque;

@@ -39,10 +39,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::metadata::{flags, Layout, Superblock, SUPERBLOCK_BYTES};
 use crate::nbd::{VolumeDone, VolumeRequest};
-use crate::node::{DiskState, PeerState as PeerLinkState, Role};
+use crate::node::{DiskState, PeerState as PeerLinkState, Role, VerifyStatus};
 use crate::peer::link::{LinkEvent, LinkState, PeerLinks};
 use crate::peer::LinkKind;
-use crate::replication::activity_log::{AlBegin, ActivityLog, AL_RECORD_BYTES};
+use crate::replication::activity_log::{ActivityLog, AlBegin, AL_RECORD_BYTES};
 use crate::replication::dirty_map::{DirtyMap, ResyncBegin};
 use crate::replication::generation::{
     self, Decision, DiskFreshness, GenerationState, Generations, Side, SyncDecision,
@@ -160,7 +160,11 @@ struct Unacked {
 #[derive(Debug)]
 enum Internal {
     /// The secondary applies stream message `seq`.
-    Apply { seq: u64, range: Option<(u64, u64)>, verify: bool },
+    Apply {
+        seq: u64,
+        range: Option<(u64, u64)>,
+        verify: bool,
+    },
     /// The resync source reads a region.
     ResyncRead { region: u64 },
     /// A verify reads its local half.
@@ -174,7 +178,7 @@ enum Pairing {
     /// Our state and bitmap are sent; waiting for the peer's.
     Exchanging {
         peer: Option<PeerState>,
-        peer_map: DirtyMap,
+        peer_map: Box<DirtyMap>,
     },
     /// Decided: mirroring (and resyncing, if a resync is running).
     Paired { peer_boot: u64 },
@@ -280,9 +284,8 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 fn request_range(request: &VolumeRequest) -> Option<(u64, u64)> {
     match request {
         VolumeRequest::Write { offset, buf, .. } => Some((*offset, buf.len() as u64)),
-        VolumeRequest::Trim { offset, len, .. } | VolumeRequest::WriteZeroes { offset, len, .. } => {
-            Some((*offset, *len))
-        }
+        VolumeRequest::Trim { offset, len, .. }
+        | VolumeRequest::WriteZeroes { offset, len, .. } => Some((*offset, *len)),
         _ => None,
     }
 }
@@ -306,7 +309,12 @@ fn buf_from(bytes: &[u8]) -> IoBuf {
 impl Mirror {
     /// A node with a peer, as it starts: secondary, disk `consistent` (or what the superblock
     /// says when worse), no link up.
-    pub fn new(settings: MirrorSettings, links: PeerLinks, loaded: LoadedState, now: Instant) -> Mirror {
+    pub fn new(
+        settings: MirrorSettings,
+        links: PeerLinks,
+        loaded: LoadedState,
+        now: Instant,
+    ) -> Mirror {
         let sb = loaded.superblock;
         let disk = if sb.has_flag(flags::DISK_INCONSISTENT) {
             DiskFreshness::Inconsistent
@@ -439,13 +447,21 @@ impl Mirror {
     }
 
     /// Verify progress and findings, for `status`: (checked bytes, mismatching ranges).
-    pub fn verify_report(&self) -> Option<(bool, u64, Vec<(u64, u64)>)> {
+    pub fn verify_report(&self) -> Option<VerifyStatus> {
         if let Some(v) = &self.verify {
-            return Some((true, v.checked_bytes, v.mismatched_regions.clone()));
+            return Some(VerifyStatus {
+                running: true,
+                checked_bytes: v.checked_bytes,
+                mismatches: v.mismatched_regions.clone(),
+            });
         }
         self.last_verify
             .as_ref()
-            .map(|(bytes, ranges)| (false, *bytes, ranges.clone()))
+            .map(|(bytes, ranges)| VerifyStatus {
+                running: false,
+                checked_bytes: *bytes,
+                mismatches: ranges.clone(),
+            })
     }
 
     /// The earliest instant at which `handle_timeout` has something to do.
@@ -455,10 +471,15 @@ impl Mirror {
             .values()
             .map(|u| u.sent_at.plus_millis(self.ack_timeout_ms()))
             .min();
-        [self.links.poll_timeout(), self.freeze_until, self.outdate_at, ack]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.links.poll_timeout(),
+            self.freeze_until,
+            self.outdate_at,
+            ack,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn poll_output(&mut self) -> Option<EngineOutput> {
@@ -485,7 +506,10 @@ impl Mirror {
         Generations {
             current: self.sb.current_generation,
             bitmap: self.sb.bitmap_generation,
-            history: [self.sb.history_generations[0], self.sb.history_generations[1]],
+            history: [
+                self.sb.history_generations[0],
+                self.sb.history_generations[1],
+            ],
         }
     }
 
@@ -564,7 +588,10 @@ impl Mirror {
             self.disk = disk;
         }
         let mut changed = self.set_flag(flags::DISK_OUTDATED, disk == DiskFreshness::Outdated);
-        changed |= self.set_flag(flags::DISK_INCONSISTENT, disk == DiskFreshness::Inconsistent);
+        changed |= self.set_flag(
+            flags::DISK_INCONSISTENT,
+            disk == DiskFreshness::Inconsistent,
+        );
         if changed {
             self.persist_superblock();
         }
@@ -582,7 +609,10 @@ impl Mirror {
         }
         if self.outdate_at.is_some_and(|t| now >= t) {
             self.outdate_at = None;
-            if !self.links.is_connected() && self.role == Role::Secondary && self.disk == DiskFreshness::UpToDate {
+            if !self.links.is_connected()
+                && self.role == Role::Secondary
+                && self.disk == DiskFreshness::UpToDate
+            {
                 log::warn!("peer lost and no takeover: marking this disk outdated (the peer may be writing alone)");
                 self.set_disk(DiskFreshness::Outdated);
             }
@@ -604,7 +634,12 @@ impl Mirror {
     }
 
     /// Bytes arrived on a link.
-    pub fn handle_link_bytes(&mut self, conn: crate::peer::link::LinkConn, bytes: &[u8], now: Instant) {
+    pub fn handle_link_bytes(
+        &mut self,
+        conn: crate::peer::link::LinkConn,
+        bytes: &[u8],
+        now: Instant,
+    ) {
         self.now = now;
         self.links.handle_bytes(conn, bytes, now);
         self.process_link_events();
@@ -764,7 +799,7 @@ impl Mirror {
         }
         self.pairing = Pairing::Exchanging {
             peer: None,
-            peer_map: DirtyMap::for_layout(&self.layout),
+            peer_map: Box::new(DirtyMap::for_layout(&self.layout)),
         };
         self.elect_me = None;
         if self.is_leader() {
@@ -782,7 +817,10 @@ impl Mirror {
         if matches!(self.pairing, Pairing::None) {
             return;
         }
-        log::warn!("pairing with the peer ended (peer={} reason={reason})", self.settings.peer_name);
+        log::warn!(
+            "pairing with the peer ended (peer={} reason={reason})",
+            self.settings.peer_name
+        );
         self.pairing = Pairing::None;
         self.refusal = None;
         if let Some(resync) = self.resync.take() {
@@ -795,7 +833,10 @@ impl Mirror {
             log::warn!("resync interrupted (done_bytes={})", resync.done_bytes);
         }
         if let Some(verify) = self.verify.take() {
-            log::warn!("verify interrupted (checked_bytes={})", verify.checked_bytes);
+            log::warn!(
+                "verify interrupted (checked_bytes={})",
+                verify.checked_bytes
+            );
         }
         self.reorder.clear();
         self.apply_waiting.clear();
@@ -883,7 +924,9 @@ impl Mirror {
                 {
                     for (first, count) in runs {
                         if first + count > region_count {
-                            log::error!("peer sent a bitmap run past the end of the volume; ignoring it");
+                            log::error!(
+                                "peer sent a bitmap run past the end of the volume; ignoring it"
+                            );
                             continue;
                         }
                         let offset = first * region_bytes;
@@ -910,9 +953,11 @@ impl Mirror {
                 }
                 self.decide();
             }
-            Message::Stream { seq, acked_below, body } => {
-                self.handle_stream(seq, acked_below, body)
-            }
+            Message::Stream {
+                seq,
+                acked_below,
+                body,
+            } => self.handle_stream(seq, acked_below, body),
             Message::Ack { seq, status, value } => self.handle_ack(seq, status, value),
             Message::Handover { epoch } => self.handle_handover(epoch),
             Message::SwitchoverRequest => {
@@ -921,7 +966,9 @@ impl Mirror {
             }
             Message::ResolveSplitBrain { keep } => {
                 if keep == self.settings.node_name {
-                    log::warn!("the peer discards its data in favour of this node's (resolve-split-brain)");
+                    log::warn!(
+                        "the peer discards its data in favour of this node's (resolve-split-brain)"
+                    );
                 } else if keep == self.settings.peer_name {
                     self.discard_own_data();
                 } else {
@@ -962,7 +1009,7 @@ impl Mirror {
                 self.peer_state = Some(state.clone());
                 self.pairing = Pairing::Exchanging {
                     peer: Some(state),
-                    peer_map: DirtyMap::for_layout(&self.layout),
+                    peer_map: Box::new(DirtyMap::for_layout(&self.layout)),
                 };
                 return;
             }
@@ -977,7 +1024,8 @@ impl Mirror {
                 return;
             }
             Exchange::Request if leader => {
-                let start_outstanding = matches!(self.pairing, Pairing::Exchanging { peer: None, .. });
+                let start_outstanding =
+                    matches!(self.pairing, Pairing::Exchanging { peer: None, .. });
                 if !start_outstanding {
                     if peer_boot.is_some() {
                         self.end_pairing("the peer asked for a new exchange");
@@ -988,7 +1036,9 @@ impl Mirror {
                 return;
             }
             Exchange::Start | Exchange::Reply | Exchange::Request => {
-                log::error!("peer sent an exchange step that only the other side sends; ignoring it");
+                log::error!(
+                    "peer sent an exchange step that only the other side sends; ignoring it"
+                );
                 return;
             }
             Exchange::Update => {}
@@ -1020,7 +1070,11 @@ impl Mirror {
 
     /// Both states and bitmaps are in: the one decision.
     fn decide(&mut self) {
-        let Pairing::Exchanging { peer: Some(peer), peer_map } = std::mem::replace(&mut self.pairing, Pairing::None) else {
+        let Pairing::Exchanging {
+            peer: Some(peer),
+            peer_map,
+        } = std::mem::replace(&mut self.pairing, Pairing::None)
+        else {
             return;
         };
         let local = GenerationState {
@@ -1159,7 +1213,9 @@ impl Mirror {
             }
             Some(Side::Peer) => {
                 if self.role == Role::Primary {
-                    log::error!("the peer holds newer data: this primary demotes and receives a resync");
+                    log::error!(
+                        "the peer holds newer data: this primary demotes and receives a resync"
+                    );
                     self.demote();
                 }
                 self.map.clear_all();
@@ -1351,14 +1407,10 @@ impl Mirror {
                 if let Some((offset, len)) = range {
                     self.map.note_replicated_write(offset, len);
                 }
-                peer_pending = self.send_stream(body, Purpose::Client(tag));
-                if !peer_pending {
-                    // No link: the peer is being lost; the degrade procedure follows.
-                    if let Some((offset, len)) = range {
-                        self.map.note_write(offset, len);
-                        self.persist_bitmap();
-                    }
-                }
+                // Kept until the peer acknowledges it, or the degrade procedure accounts for
+                // it: never acknowledged to the client on the local disk alone.
+                self.send_stream(body, Purpose::Client(tag));
+                peer_pending = true;
             } else if let Some((offset, len)) = range {
                 // Alone: the regions are dirty, durably, before the write is issued.
                 self.map.note_write(offset, len);
@@ -1399,37 +1451,43 @@ impl Mirror {
         self.outputs.push_back(EngineOutput::Disk { tag, request });
     }
 
-    /// Sends a stream message and keeps it until acknowledged. False without a link.
+    /// Sends a stream message and keeps it until acknowledged. Without a link up it is only
+    /// kept: the pairing is ending, and the degrade procedure accounts for it. False when it
+    /// could not be sent.
     fn send_stream(&mut self, body: StreamBody, purpose: Purpose) -> bool {
         let seq = self.next_seq;
+        self.next_seq += 1;
         let acked_below = self.unacked.keys().next().copied().unwrap_or(seq);
         let message = Message::Stream {
             seq,
             acked_below,
             body,
         };
-        let Some(link) = self.send(&message) else {
-            return false;
-        };
-        self.next_seq += 1;
+        let sent_on = self.send(&message);
         let Message::Stream { body, .. } = message else {
             unreachable!()
         };
+        if sent_on.is_none() && !matches!(purpose, Purpose::Client(_)) {
+            // Background work (resync, verify) is simply redone in the next pairing.
+            return false;
+        }
         self.unacked.insert(
             seq,
             Unacked {
                 body,
-                link,
+                link: sent_on.unwrap_or(LinkKind::Heartbeat),
                 sent_at: self.now,
                 purpose,
             },
         );
-        true
+        sent_on.is_some()
     }
 
     /// A link went down: what was last sent on it goes again on the link that is left.
     fn resend_from(&mut self, down: LinkKind) {
-        let Some(link) = self.stream_link() else { return };
+        let Some(link) = self.stream_link() else {
+            return;
+        };
         let acked_below = self.unacked.keys().next().copied().unwrap_or(self.next_seq);
         let seqs: Vec<u64> = self
             .unacked
@@ -1438,10 +1496,15 @@ impl Mirror {
             .map(|(s, _)| *s)
             .collect();
         if !seqs.is_empty() {
-            log::warn!("stream moves to the {link} link: resending {} messages", seqs.len());
+            log::warn!(
+                "stream moves to the {link} link: resending {} messages",
+                seqs.len()
+            );
         }
         for seq in seqs {
-            let Some(unacked) = self.unacked.remove(&seq) else { continue };
+            let Some(unacked) = self.unacked.remove(&seq) else {
+                continue;
+            };
             let message = Message::Stream {
                 seq,
                 acked_below,
@@ -1449,7 +1512,9 @@ impl Mirror {
             };
             let (header, payload) = message.encode();
             let sent = self.links.send(link, message.kind(), &header, payload);
-            let Message::Stream { body, .. } = message else { unreachable!() };
+            let Message::Stream { body, .. } = message else {
+                unreachable!()
+            };
             self.unacked.insert(
                 seq,
                 Unacked {
@@ -1466,15 +1531,15 @@ impl Mirror {
         let Some(unacked) = self.unacked.remove(&seq) else {
             return; // a duplicate, or from before a degrade
         };
-        match unacked.purpose {
+        match unacked.purpose.clone() {
             Purpose::Client(tag) => {
                 if status != 0 {
+                    // The peer's copy misses this write: it stays held, and the degrade
+                    // procedure marks it dirty before anything is acknowledged alone.
                     log::error!("the peer failed a mirrored write (errno={status}); its copy is no longer current");
-                    if let Some((offset, len)) = self.reqs.get(&tag).and_then(|r| r.range) {
-                        self.map.note_write(offset, len);
-                        self.persist_bitmap();
-                    }
+                    self.unacked.insert(seq, unacked);
                     self.peer_disk_failed();
+                    return;
                 }
                 if let Some(req) = self.reqs.get_mut(&tag) {
                     req.peer_pending = false;
@@ -1560,7 +1625,9 @@ impl Mirror {
         if !ready {
             return;
         }
-        let Some(req) = self.reqs.remove(&tag) else { return };
+        let Some(req) = self.reqs.remove(&tag) else {
+            return;
+        };
         if let Some(range) = req.range {
             if let Some(i) = self.active_ranges.iter().position(|&a| a == range) {
                 self.active_ranges.swap_remove(i);
@@ -1589,7 +1656,11 @@ impl Mirror {
                 Ok(DiskDone::Extents(extents)) => VolumeDone::Extents(extents),
                 Err(e) => {
                     log::error!("disk: request failed (error={e})");
-                    let error = if e.is_no_space() { errno::ENOSPC } else { errno::EIO };
+                    let error = if e.is_no_space() {
+                        errno::ENOSPC
+                    } else {
+                        errno::EIO
+                    };
                     VolumeDone::Failed {
                         error,
                         buf: completion.buf,
@@ -1720,7 +1791,9 @@ impl Mirror {
         }
         if seq > self.next_expected {
             if self.reorder.len() >= REORDER_MAX {
-                log::error!("the replication stream has a gap that does not close; dropping the links");
+                log::error!(
+                    "the replication stream has a gap that does not close; dropping the links"
+                );
                 self.links.drop_all("stream gap");
                 self.process_link_events();
                 return;
@@ -1746,9 +1819,8 @@ impl Mirror {
         let mut kept = VecDeque::new();
         while let Some((seq, body)) = self.apply_waiting.pop_front() {
             let range = match &body {
-                StreamBody::Write { offset, data, .. } | StreamBody::ResyncData { offset, data } => {
-                    Some((*offset, data.len() as u64))
-                }
+                StreamBody::Write { offset, data, .. }
+                | StreamBody::ResyncData { offset, data } => Some((*offset, data.len() as u64)),
                 StreamBody::Trim { offset, len, .. }
                 | StreamBody::Zeroes { offset, len, .. }
                 | StreamBody::Verify { offset, len } => Some((*offset, *len)),
@@ -1772,7 +1844,10 @@ impl Mirror {
 
     fn apply(&mut self, seq: u64, body: StreamBody, range: Option<(u64, u64)>) {
         if let Some((offset, len)) = range {
-            if offset.checked_add(len).is_none_or(|end| end > self.layout.volume_bytes) {
+            if offset
+                .checked_add(len)
+                .is_none_or(|end| end > self.layout.volume_bytes)
+            {
                 log::error!("the peer sent a request past the end of the volume (offset={offset} len={len})");
                 self.applied_status.insert(seq, (errno::EINVAL, 0));
                 self.send(&Message::Ack {
@@ -1786,19 +1861,46 @@ impl Mirror {
         let (request, verify) = match body {
             StreamBody::Write { offset, fua, data } => {
                 self.before_data_write();
-                (DiskRequest::Write { offset, buf: buf_from(&data), fua }, false)
+                (
+                    DiskRequest::Write {
+                        offset,
+                        buf: buf_from(&data),
+                        fua,
+                    },
+                    false,
+                )
             }
             StreamBody::ResyncData { offset, data } => {
                 self.before_data_write();
-                (DiskRequest::Write { offset, buf: buf_from(&data), fua: false }, false)
+                (
+                    DiskRequest::Write {
+                        offset,
+                        buf: buf_from(&data),
+                        fua: false,
+                    },
+                    false,
+                )
             }
             StreamBody::Trim { offset, len, fua } => {
                 self.before_data_write();
                 (DiskRequest::Discard { offset, len, fua }, false)
             }
-            StreamBody::Zeroes { offset, len, fua, may_deallocate } => {
+            StreamBody::Zeroes {
+                offset,
+                len,
+                fua,
+                may_deallocate,
+            } => {
                 self.before_data_write();
-                (DiskRequest::WriteZeroes { offset, len, may_deallocate, fua }, false)
+                (
+                    DiskRequest::WriteZeroes {
+                        offset,
+                        len,
+                        may_deallocate,
+                        fua,
+                    },
+                    false,
+                )
             }
             StreamBody::Flush => (DiskRequest::Flush, false),
             StreamBody::Verify { offset, len } => {
@@ -1809,7 +1911,11 @@ impl Mirror {
             StreamBody::ResyncDone { generations } => {
                 self.finish_resync_as_target(generations);
                 self.applied_status.insert(seq, (0, 0));
-                self.send(&Message::Ack { seq, status: 0, value: 0 });
+                self.send(&Message::Ack {
+                    seq,
+                    status: 0,
+                    value: 0,
+                });
                 return;
             }
         };
@@ -1836,7 +1942,10 @@ impl Mirror {
         self.set_flag(flags::DISK_INCONSISTENT, false);
         self.set_flag(flags::DISK_OUTDATED, false);
         self.persist_superblock();
-        log::info!("resync finished: this disk is up to date (generation={:#x})", source.current);
+        log::info!(
+            "resync finished: this disk is up to date (generation={:#x})",
+            source.current
+        );
         self.send_state(Exchange::Update);
     }
 
@@ -1855,7 +1964,10 @@ impl Mirror {
     }
 
     fn pump_resync(&mut self) {
-        if self.resync.is_none() && self.map.dirty_count() > 0 && matches!(self.pairing, Pairing::Paired { .. }) {
+        if self.resync.is_none()
+            && self.map.dirty_count() > 0
+            && matches!(self.pairing, Pairing::Paired { .. })
+        {
             // Regions marked since (a verify mismatch): resync them.
             let total = self.map.dirty_bytes();
             log::info!("resync starting (total_bytes={total})");
@@ -1864,9 +1976,15 @@ impl Mirror {
                 ..Resync::default()
             });
         }
-        let Some(resync) = self.resync.as_ref() else { return };
+        let Some(resync) = self.resync.as_ref() else {
+            return;
+        };
         let busy = !self.reqs.is_empty();
-        let window = if busy { RESYNC_WINDOW_BUSY } else { RESYNC_WINDOW_IDLE };
+        let window = if busy {
+            RESYNC_WINDOW_BUSY
+        } else {
+            RESYNC_WINDOW_IDLE
+        };
         let mut cursor = resync.cursor;
         let mut in_flight = resync.reading + resync.sent;
         let mut needs_pass = resync.needs_pass;
@@ -1878,7 +1996,10 @@ impl Mirror {
             cursor = region + 1;
             let range = self.region_range(region);
             if self.active_ranges.iter().any(|&a| overlaps(a, range))
-                || self.waiting.iter().any(|(_, r)| request_range(r).is_some_and(|r| overlaps(r, range)))
+                || self
+                    .waiting
+                    .iter()
+                    .any(|(_, r)| request_range(r).is_some_and(|r| overlaps(r, range)))
             {
                 needs_pass = true;
                 continue;
@@ -1898,7 +2019,10 @@ impl Mirror {
             let tag = self.internal_tag(Internal::ResyncRead { region });
             self.outputs.push_back(EngineOutput::Disk {
                 tag,
-                request: DiskRequest::Read { offset: range.0, buf },
+                request: DiskRequest::Read {
+                    offset: range.0,
+                    buf,
+                },
             });
             in_flight += 1;
             if let Some(resync) = self.resync.as_mut() {
@@ -1908,7 +2032,9 @@ impl Mirror {
                 break;
             }
         }
-        let Some(resync) = self.resync.as_mut() else { return };
+        let Some(resync) = self.resync.as_mut() else {
+            return;
+        };
         resync.cursor = cursor;
         resync.needs_pass = needs_pass;
         let idle = resync.reading == 0 && resync.sent == 0;
@@ -1928,8 +2054,14 @@ impl Mirror {
             }
             return;
         }
-        let Some(resync) = self.resync.as_mut() else { return };
-        if idle && !resync.flush_in_flight && resync.written.is_empty() && self.map.resync_in_flight_count() == 0 {
+        let Some(resync) = self.resync.as_mut() else {
+            return;
+        };
+        if idle
+            && !resync.flush_in_flight
+            && resync.written.is_empty()
+            && self.map.resync_in_flight_count() == 0
+        {
             if self.map.dirty_count() > 0 {
                 // Another pass for the regions skipped or redone.
                 if resync.cursor != 0 {
@@ -1948,7 +2080,9 @@ impl Mirror {
     }
 
     fn pump_verify(&mut self) {
-        let Some(verify) = self.verify.as_ref() else { return };
+        let Some(verify) = self.verify.as_ref() else {
+            return;
+        };
         let mut cursor = verify.cursor;
         let mut in_flight = verify.in_flight;
         let step = self.map.region_bytes() * 16;
@@ -1957,20 +2091,38 @@ impl Mirror {
             let len = step.min(volume - cursor);
             let range = (cursor, len);
             if self.active_ranges.iter().any(|&a| overlaps(a, range))
-                || self.waiting.iter().any(|(_, r)| request_range(r).is_some_and(|r| overlaps(r, range)))
+                || self
+                    .waiting
+                    .iter()
+                    .any(|(_, r)| request_range(r).is_some_and(|r| overlaps(r, range)))
             {
                 break; // a client write holds it: come back after it
             }
-            if !self.send_stream(StreamBody::Verify { offset: cursor, len }, Purpose::Verify { offset: cursor, len }) {
+            if !self.send_stream(
+                StreamBody::Verify {
+                    offset: cursor,
+                    len,
+                },
+                Purpose::Verify {
+                    offset: cursor,
+                    len,
+                },
+            ) {
                 break;
             }
             self.active_ranges.push(range);
             let mut buf = IoBuf::new(len as usize);
             buf.set_len(len as usize);
-            let tag = self.internal_tag(Internal::VerifyRead { offset: cursor, len });
+            let tag = self.internal_tag(Internal::VerifyRead {
+                offset: cursor,
+                len,
+            });
             self.outputs.push_back(EngineOutput::Disk {
                 tag,
-                request: DiskRequest::Read { offset: cursor, buf },
+                request: DiskRequest::Read {
+                    offset: cursor,
+                    buf,
+                },
             });
             cursor += len;
             in_flight += 1;
@@ -1983,7 +2135,9 @@ impl Mirror {
     }
 
     fn check_verify(&mut self, offset: u64, len: u64) {
-        let Some(verify) = self.verify.as_mut() else { return };
+        let Some(verify) = self.verify.as_mut() else {
+            return;
+        };
         let Some(&(Some(local), Some(peer))) = verify.halves.get(&offset) else {
             return;
         };
@@ -1991,7 +2145,9 @@ impl Mirror {
         verify.in_flight -= 1;
         verify.checked_bytes += len;
         if local != peer {
-            log::error!("verify: the copies differ (offset={offset} len={len}); the range will be resynced");
+            log::error!(
+                "verify: the copies differ (offset={offset} len={len}); the range will be resynced"
+            );
             verify.mismatched_regions.push((offset, len));
             self.map.mark(offset, len);
             self.persist_bitmap();
@@ -2032,10 +2188,16 @@ impl Mirror {
             return (false, "verify: run it on the primary".to_string());
         }
         if !self.mirroring || !matches!(self.pairing, Pairing::Paired { .. }) {
-            return (false, "verify: the peer is not connected and mirroring".to_string());
+            return (
+                false,
+                "verify: the peer is not connected and mirroring".to_string(),
+            );
         }
         if self.resync.is_some() {
-            return (false, "verify: a resync is running; verify after it".to_string());
+            return (
+                false,
+                "verify: a resync is running; verify after it".to_string(),
+            );
         }
         if self.verify.is_some() {
             return (false, "verify: already running".to_string());
@@ -2043,20 +2205,30 @@ impl Mirror {
         self.verify = Some(Verify::default());
         log::info!("verify started (volume_bytes={})", self.layout.volume_bytes);
         self.pump();
-        (true, "verify started: progress and mismatches in 'status'".to_string())
+        (
+            true,
+            "verify started: progress and mismatches in 'status'".to_string(),
+        )
     }
 
     /// `switchover`: (accepted, reply).
     pub fn start_switchover(&mut self) -> (bool, String) {
         let peer_ok = self.links.is_connected()
             && matches!(self.pairing, Pairing::Paired { .. })
-            && self.peer_state.as_ref().is_some_and(|p| p.disk == DiskFreshness::UpToDate);
+            && self
+                .peer_state
+                .as_ref()
+                .is_some_and(|p| p.disk == DiskFreshness::UpToDate);
         match self.role {
             Role::Secondary => {
                 if !peer_ok || self.disk != DiskFreshness::UpToDate || self.syncing {
                     return (false, "switchover: this node is not eligible (it must be connected, in sync and up to date)".to_string());
                 }
-                if !self.peer_state.as_ref().is_some_and(|p| p.role == WireRole::Primary) {
+                if !self
+                    .peer_state
+                    .as_ref()
+                    .is_some_and(|p| p.role == WireRole::Primary)
+                {
                     return (false, "switchover: the peer is not primary".to_string());
                 }
                 self.send(&Message::SwitchoverRequest);
@@ -2064,18 +2236,35 @@ impl Mirror {
             }
             Role::Primary => {
                 if !peer_ok || !self.mirroring {
-                    return (false, "switchover: the peer is not eligible (connected, in sync and up to date)".to_string());
+                    return (
+                        false,
+                        "switchover: the peer is not eligible (connected, in sync and up to date)"
+                            .to_string(),
+                    );
                 }
                 if self.resync.is_some() {
-                    return (false, "switchover: a resync is running; the peer is not up to date yet".to_string());
+                    return (
+                        false,
+                        "switchover: a resync is running; the peer is not up to date yet"
+                            .to_string(),
+                    );
                 }
                 if self.freeze_until.is_some() {
-                    return (false, "switchover: the degrade procedure is running".to_string());
+                    return (
+                        false,
+                        "switchover: the degrade procedure is running".to_string(),
+                    );
                 }
                 self.switching = true;
-                log::warn!("switchover started: draining writes, then handing the role to {}", self.settings.peer_name);
+                log::warn!(
+                    "switchover started: draining writes, then handing the role to {}",
+                    self.settings.peer_name
+                );
                 self.continue_switchover();
-                (true, format!("switchover started: {} takes over", self.settings.peer_name))
+                (
+                    true,
+                    format!("switchover started: {} takes over", self.settings.peer_name),
+                )
             }
             _ => (false, "switchover: not available".to_string()),
         }
@@ -2089,7 +2278,10 @@ impl Mirror {
         let epoch = self.sb.epoch;
         self.demote();
         self.send(&Message::Handover { epoch });
-        log::warn!("switchover: handed the role to {} (epoch={epoch})", self.settings.peer_name);
+        log::warn!(
+            "switchover: handed the role to {} (epoch={epoch})",
+            self.settings.peer_name
+        );
     }
 
     fn handle_handover(&mut self, epoch: u64) {
@@ -2107,14 +2299,21 @@ impl Mirror {
             return (false, "promote: already primary".to_string());
         }
         if self.links.is_connected() {
-            return (false, "promote --force: refused while the peer is connected (use switchover)".to_string());
+            return (
+                false,
+                "promote --force: refused while the peer is connected (use switchover)".to_string(),
+            );
         }
         if self.disk == DiskFreshness::Inconsistent {
             return (false, "promote --force: refused: this disk is inconsistent (a resync to it did not finish)".to_string());
         }
         let warning = match self.disk {
-            DiskFreshness::Outdated => " (warning: this disk was outdated; the peer may hold newer data)",
-            DiskFreshness::Consistent => " (warning: this disk's freshness was never confirmed by the peer)",
+            DiskFreshness::Outdated => {
+                " (warning: this disk was outdated; the peer may hold newer data)"
+            }
+            DiskFreshness::Consistent => {
+                " (warning: this disk's freshness was never confirmed by the peer)"
+            }
             _ => "",
         };
         log::warn!("forced promotion by the operator{warning}");
@@ -2140,10 +2339,19 @@ impl Mirror {
             }
         );
         if !is_split {
-            return (false, "resolve-split-brain: no split brain is waiting for a decision".to_string());
+            return (
+                false,
+                "resolve-split-brain: no split brain is waiting for a decision".to_string(),
+            );
         }
         if keep != self.settings.node_name && keep != self.settings.peer_name {
-            return (false, format!("resolve-split-brain: unknown node '{keep}' (this pair is {} and {})", self.settings.node_name, self.settings.peer_name));
+            return (
+                false,
+                format!(
+                    "resolve-split-brain: unknown node '{keep}' (this pair is {} and {})",
+                    self.settings.node_name, self.settings.peer_name
+                ),
+            );
         }
         self.send(&Message::ResolveSplitBrain {
             keep: keep.to_string(),
@@ -2151,10 +2359,16 @@ impl Mirror {
         if keep == self.settings.node_name {
             log::warn!("split brain resolved by the operator: keeping this node's data");
             // The peer discards and both exchange again.
-            (true, format!("keeping {keep}'s data; the peer's diverged regions will be overwritten"))
+            (
+                true,
+                format!("keeping {keep}'s data; the peer's diverged regions will be overwritten"),
+            )
         } else {
             self.discard_own_data();
-            (true, format!("keeping {keep}'s data; this node's diverged regions will be overwritten"))
+            (
+                true,
+                format!("keeping {keep}'s data; this node's diverged regions will be overwritten"),
+            )
         }
     }
 
@@ -2191,9 +2405,13 @@ pub fn freshness_name(disk: DiskFreshness) -> &'static str {
 fn decision_text(sync: SyncDecision) -> &'static str {
     match sync {
         SyncDecision::InSync => "in sync",
-        SyncDecision::BitmapResync { source: Side::Local } => "bitmap resync from this node",
+        SyncDecision::BitmapResync {
+            source: Side::Local,
+        } => "bitmap resync from this node",
         SyncDecision::BitmapResync { source: Side::Peer } => "bitmap resync from the peer",
-        SyncDecision::FullResync { source: Side::Local } => "full resync from this node",
+        SyncDecision::FullResync {
+            source: Side::Local,
+        } => "full resync from this node",
         SyncDecision::FullResync { source: Side::Peer } => "full resync from the peer",
         SyncDecision::SplitBrain => "split brain",
         SyncDecision::Unrelated => "unrelated volumes",

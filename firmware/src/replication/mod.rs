@@ -11,6 +11,6 @@
 
 pub mod activity_log;
 pub mod dirty_map;
-pub mod generation;
 pub mod engine;
+pub mod generation;
 pub mod wire;

@@ -94,26 +94,63 @@ pub struct PeerState {
 /// One message of the replication stream, numbered by `seq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamBody {
-    Write { offset: u64, fua: bool, data: Vec<u8> },
-    Trim { offset: u64, len: u64, fua: bool },
-    Zeroes { offset: u64, len: u64, fua: bool, may_deallocate: bool },
+    Write {
+        offset: u64,
+        fua: bool,
+        data: Vec<u8>,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        may_deallocate: bool,
+    },
     Flush,
-    ResyncData { offset: u64, data: Vec<u8> },
-    ResyncDone { generations: Generations },
-    Verify { offset: u64, len: u64 },
+    ResyncData {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    ResyncDone {
+        generations: Generations,
+    },
+    Verify {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// A decoded replication message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     State(PeerState),
-    Bitmap { runs: Vec<(u64, u64)> },
-    BitmapEnd { dirty_regions: u64 },
-    Stream { seq: u64, acked_below: u64, body: StreamBody },
-    Ack { seq: u64, status: u32, value: u64 },
-    Handover { epoch: u64 },
+    Bitmap {
+        runs: Vec<(u64, u64)>,
+    },
+    BitmapEnd {
+        dirty_regions: u64,
+    },
+    Stream {
+        seq: u64,
+        acked_below: u64,
+        body: StreamBody,
+    },
+    Ack {
+        seq: u64,
+        status: u32,
+        value: u64,
+    },
+    Handover {
+        epoch: u64,
+    },
     SwitchoverRequest,
-    ResolveSplitBrain { keep: String },
+    ResolveSplitBrain {
+        keep: String,
+    },
 }
 
 /// Why a message does not decode.
@@ -311,7 +348,7 @@ impl Message {
         let message = match kind {
             kind::STATE => decode_state(&mut r),
             kind::BITMAP => {
-                if body.is_empty() || body.len() % 16 != 0 {
+                if body.is_empty() || !body.len().is_multiple_of(16) {
                     return Some(Err(DecodeError("bitmap runs are 16 bytes each")));
                 }
                 let mut runs = Vec::with_capacity(body.len() / 16);
@@ -327,7 +364,9 @@ impl Message {
                 }
                 Ok(Message::Bitmap { runs })
             }
-            kind::BITMAP_END => r.u64().map(|dirty_regions| Message::BitmapEnd { dirty_regions }),
+            kind::BITMAP_END => r
+                .u64()
+                .map(|dirty_regions| Message::BitmapEnd { dirty_regions }),
             kind::STREAM => decode_stream(&mut r),
             kind::ACK => (|| {
                 Ok(Message::Ack {
@@ -554,9 +593,7 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_refused() {
-        let refused = |kind: u8, body: &[u8]| {
-            matches!(Message::decode(kind, body), Some(Err(_)))
-        };
+        let refused = |kind: u8, body: &[u8]| matches!(Message::decode(kind, body), Some(Err(_)));
         assert!(refused(kind::STATE, &[0; 10]));
         assert!(refused(kind::BITMAP, &[]));
         assert!(refused(kind::BITMAP, &[0; 15]));

@@ -454,8 +454,12 @@ impl Simulation {
                     Output::Close { conn } => {
                         return Err(format!("the node closed the client connection {conn:?}"));
                     }
-                    Output::LinkSend { .. } | Output::LinkClose { .. } | Output::Metadata { .. } => {
-                        return Err("a standalone node used a peer link or mirror metadata".to_string());
+                    Output::LinkSend { .. }
+                    | Output::LinkClose { .. }
+                    | Output::Metadata { .. } => {
+                        return Err(
+                            "a standalone node used a peer link or mirror metadata".to_string()
+                        );
                     }
                 }
             }
