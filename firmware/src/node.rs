@@ -329,6 +329,15 @@ impl Node {
         self.mirror.as_ref().map(|m| m.superblock())
     }
 
+    /// Metadata a clean stop writes before it marks the volume clean (the dirty bitmap blocks
+    /// still in memory only).
+    pub fn take_final_metadata(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.mirror
+            .as_mut()
+            .map(|m| m.take_bitmap_writes())
+            .unwrap_or_default()
+    }
+
     /// True when no request of the node is in flight anywhere.
     pub fn is_quiet(&self) -> bool {
         self.mirror.as_ref().is_none_or(|m| m.is_quiet())

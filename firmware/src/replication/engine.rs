@@ -1412,9 +1412,11 @@ impl Mirror {
                 self.send_stream(body, Purpose::Client(tag));
                 peer_pending = true;
             } else if let Some((offset, len)) = range {
-                // Alone: the regions are dirty, durably, before the write is issued.
+                // Alone: the regions are dirty. In memory only: the activity log already names
+                // their extent durably (a crash marks every active extent dirty at the next
+                // start), and an extent leaves the log only after its bitmap blocks are
+                // written (`commit_al`).
                 self.map.note_write(offset, len);
-                self.persist_bitmap();
             }
         }
         if let Some(range) = range {
@@ -2384,6 +2386,16 @@ impl Mirror {
     /// Called before a clean stop: nothing more is accepted.
     pub fn is_quiet(&self) -> bool {
         self.reqs.is_empty() && self.internal.is_empty()
+    }
+
+    /// The bitmap blocks not yet on disk, for a clean stop: a clean stop does not replay the
+    /// activity log, so the bitmap must be whole before the volume is marked clean.
+    pub fn take_bitmap_writes(&mut self) -> Vec<(u64, Vec<u8>)> {
+        let base = self.layout.bitmap_offset;
+        self.map
+            .take_changed_blocks()
+            .map(|block| (base + block.offset_in_bitmap, block.bytes.to_vec()))
+            .collect()
     }
 
     /// The superblock as it should be written at a clean stop.

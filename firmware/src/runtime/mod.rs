@@ -1620,6 +1620,11 @@ impl Runtime {
         self.disk
             .flush_sync()
             .map_err(|e| StartError::Internal(format!("cannot flush the volume: {e}")))?;
+        for (offset, bytes) in self.node.take_final_metadata() {
+            self.disk
+                .write_at_sync(offset, &bytes)
+                .map_err(|e| StartError::Internal(format!("cannot write the bitmap: {e}")))?;
+        }
         if let Some(superblock) = self.node.superblock() {
             self.volume.superblock = superblock.clone();
         }
