@@ -316,8 +316,8 @@ fn demo(mut parser: lexopt::Parser) -> Result<u8, Failure> {
     }
     Err(Failure {
         code: 69,
-        message: "tandem demo needs mirroring and failover, which this build does not have yet; \
-                  see README.md for what works today"
+        message: "tandem demo needs automatic failover, which this build does not have yet \
+                  (mirroring works: see README.md, 'Run a mirrored pair')"
             .to_string(),
     })
 }

@@ -1,9 +1,9 @@
 //! The node: the one top-level sans-IO state machine the runtime drives.
 //!
-//! A node owns the NBD server and maps its volume requests onto the local disk. It knows its
-//! role and the state of its disk and answers the console's commands. With mirroring (a later
-//! issue) it will also own the peer link and the replication engine; the runtime's loop stays the
-//! same.
+//! A node owns the NBD server and answers the console's commands. A standalone node maps its
+//! volume requests straight onto the local disk; a node with a peer hands them to the
+//! replication engine (`replication::engine::Mirror`), which owns the links to the peer, the
+//! role and the disk state, and carries every write to both disks.
 //!
 //! Method kinds, in quinn's words: getters (`status`, `poll_timeout`), inputs (`handle_*`),
 //! commands (`recycle`), outputs (`poll_output`). After any input the runtime drains

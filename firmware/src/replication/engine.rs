@@ -62,11 +62,13 @@ const TAG_INTERNAL: u64 = 1 << 48;
 const TAKEOVER_PROBES_MS: u64 = 450;
 const TAKEOVER_MARGIN_MS: u64 = 50;
 
-/// Resync requests in flight when no client request is, and when some are (client I/O first).
-const RESYNC_WINDOW_IDLE: usize = 64;
-const RESYNC_WINDOW_BUSY: usize = 8;
-/// Resync writes acknowledged by the target before a flush makes them durable there.
-const RESYNC_FLUSH_EVERY: usize = 32;
+/// Resync messages in flight when no client request is, and when some are (client I/O first).
+const RESYNC_WINDOW_IDLE: usize = 8;
+const RESYNC_WINDOW_BUSY: usize = 1;
+/// Dirty regions next to each other travel in one resync message, up to this many (1 MiB).
+const RESYNC_CHUNK_REGIONS: u64 = 16;
+/// Regions written on the target before a flush makes them durable there (4 MiB).
+const RESYNC_FLUSH_EVERY: usize = 64;
 /// Stream messages that may wait for an earlier one on the secondary before the stream is
 /// considered broken.
 const REORDER_MAX: usize = 8192;
@@ -142,7 +144,7 @@ struct ClientReq {
 #[derive(Debug, Clone)]
 enum Purpose {
     Client(u64),
-    ResyncData(u64),
+    ResyncData { first: u64, count: u64 },
     ResyncFlush(Vec<u64>),
     ResyncDone,
     Verify { offset: u64, len: u64 },
@@ -166,7 +168,7 @@ enum Internal {
         verify: bool,
     },
     /// The resync source reads a region.
-    ResyncRead { region: u64 },
+    ResyncRead { first: u64, count: u64 },
     /// A verify reads its local half.
     VerifyRead { offset: u64, len: u64 },
 }
@@ -1548,13 +1550,15 @@ impl Mirror {
                 }
                 self.try_finish(tag);
             }
-            Purpose::ResyncData(region) => {
+            Purpose::ResyncData { first, count } => {
                 if let Some(resync) = self.resync.as_mut() {
                     resync.sent -= 1;
                     if status == 0 {
-                        resync.written.push(region);
+                        resync.written.extend(first..first + count);
                     } else {
-                        self.map.resync_aborted(region);
+                        for region in first..first + count {
+                            self.map.resync_aborted(region);
+                        }
                         log::error!("the peer failed a resync write (errno={status})");
                     }
                 }
@@ -1716,32 +1720,37 @@ impl Mirror {
                 self.send(&Message::Ack { seq, status, value });
                 self.drain_apply_waiting();
             }
-            Internal::ResyncRead { region } => {
-                let Some(resync) = self.resync.as_mut() else {
-                    self.map.resync_aborted(region);
-                    return;
-                };
-                resync.reading -= 1;
-                let range = self.region_range(region);
+            Internal::ResyncRead { first, count } => {
+                let range = self.chunk_range(first, count);
                 if let Some(i) = self.active_ranges.iter().position(|&a| a == range) {
                     self.active_ranges.swap_remove(i);
                 }
-                match completion.result {
+                let Some(resync) = self.resync.as_mut() else {
+                    for region in first..first + count {
+                        self.map.resync_aborted(region);
+                    }
+                    return;
+                };
+                resync.reading -= 1;
+                let sent = match completion.result {
                     Ok(DiskDone::Buf(buf)) if !failed => {
                         let body = StreamBody::ResyncData {
                             offset: range.0,
                             data: buf.as_slice().to_vec(),
                         };
-                        if self.send_stream(body, Purpose::ResyncData(region)) {
-                            if let Some(resync) = self.resync.as_mut() {
-                                resync.sent += 1;
-                            }
-                        } else {
-                            self.map.resync_aborted(region);
-                        }
+                        self.send_stream(body, Purpose::ResyncData { first, count })
                     }
                     _ => {
-                        log::error!("disk: a resync read failed (region={region})");
+                        log::error!("disk: a resync read failed (offset={})", range.0);
+                        false
+                    }
+                };
+                if sent {
+                    if let Some(resync) = self.resync.as_mut() {
+                        resync.sent += 1;
+                    }
+                } else {
+                    for region in first..first + count {
                         self.map.resync_aborted(region);
                     }
                 }
@@ -1765,10 +1774,23 @@ impl Mirror {
         }
     }
 
-    fn region_range(&self, region: u64) -> (u64, u64) {
+    /// The bytes of `count` regions from `first` (the last region of the volume may be short).
+    fn chunk_range(&self, first: u64, count: u64) -> (u64, u64) {
         let region_bytes = self.map.region_bytes();
-        let offset = region * region_bytes;
-        (offset, region_bytes.min(self.map.volume_bytes() - offset))
+        let offset = first * region_bytes;
+        (
+            offset,
+            (count * region_bytes).min(self.map.volume_bytes() - offset),
+        )
+    }
+
+    /// Whether a client request holds (or waits for) part of `range`.
+    fn client_holds(&self, range: (u64, u64)) -> bool {
+        self.active_ranges.iter().any(|&a| overlaps(a, range))
+            || self
+                .waiting
+                .iter()
+                .any(|(_, r)| request_range(r).is_some_and(|r| overlaps(r, range)))
     }
 
     // ---- the secondary's side of the stream ----------------------------------------------
@@ -1996,13 +2018,7 @@ impl Mirror {
                 break;
             };
             cursor = region + 1;
-            let range = self.region_range(region);
-            if self.active_ranges.iter().any(|&a| overlaps(a, range))
-                || self
-                    .waiting
-                    .iter()
-                    .any(|(_, r)| request_range(r).is_some_and(|r| overlaps(r, range)))
-            {
+            if self.client_holds(self.chunk_range(region, 1)) {
                 needs_pass = true;
                 continue;
             }
@@ -2014,11 +2030,26 @@ impl Mirror {
                 }
                 ResyncBegin::Clean | ResyncBegin::InFlight => continue,
             }
+            // Dirty neighbours travel in the same message (fewer frames, acks and reads).
+            let mut count = 1;
+            while count < RESYNC_CHUNK_REGIONS
+                && region + count < region_count
+                && self.map.is_dirty(region + count)
+                && !self.client_holds(self.chunk_range(region + count, 1))
+                && self.map.begin_resync(region + count) == ResyncBegin::Started
+            {
+                count += 1;
+            }
+            cursor = region + count;
+            let range = self.chunk_range(region, count);
             self.before_data_write();
             self.active_ranges.push(range);
             let mut buf = IoBuf::new(range.1 as usize);
             buf.set_len(range.1 as usize);
-            let tag = self.internal_tag(Internal::ResyncRead { region });
+            let tag = self.internal_tag(Internal::ResyncRead {
+                first: region,
+                count,
+            });
             self.outputs.push_back(EngineOutput::Disk {
                 tag,
                 request: DiskRequest::Read {

@@ -5,9 +5,9 @@
 //! - `dirty_map`: the out-of-sync bitmap, one bit per region, persisted in 4 KiB blocks.
 //! - `activity_log`: the hot extents, made durable before a write is issued, so that a crashed
 //!   primary's in-flight writes join the resync.
-//!
-//! The engine that drives them (protocol C, degrade, resync, verify) arrives with the mirroring
-//! work; see docs/REPLICATION.md.
+//! - `wire`: the messages the two nodes exchange inside sealed peer frames.
+//! - `engine`: the engine that drives them all: the pairing exchange, protocol C, degrade,
+//!   resync, verify, switchover (docs/REPLICATION.md).
 
 pub mod activity_log;
 pub mod dirty_map;
