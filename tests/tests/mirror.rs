@@ -425,3 +425,42 @@ fn a_degraded_primary_that_crashes_still_resyncs_what_it_wrote_alone() {
     pair::wait_status(&b, "nas-b up to date", WAIT, is("secondary"));
     assert_replicas_equal(&a, &b);
 }
+
+#[test]
+fn garbage_on_both_links_changes_no_data() {
+    use std::io::Write;
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let pair = Pair::new("mirror-garbage");
+    let a = pair.start("a");
+    let mut b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    assert!(qemu_io_writes(&a, 0x15, 16, 1 << 20));
+    // Junk, a truncated frame, a forged hello and a replay of bytes seen earlier, on both link
+    // ports of nas-b, from nas-a's address (a stranger's address is refused at once).
+    let replay = b"\x00\x00\x00\x45\x02"
+        .iter()
+        .chain(&[0x5a; 68])
+        .copied()
+        .collect::<Vec<u8>>();
+    for port in [pair.ports.heartbeat, pair.ports.lan] {
+        for junk in [
+            &b"\x00\x00\x00\x05\x01junk"[..],
+            &[0xff; 4096][..],
+            &b"\x00\x00\x10\x00\x30"[..],
+            &replay[..],
+        ] {
+            if let Ok(mut stream) = std::net::TcpStream::connect((B_IP, port)) {
+                let _ = stream.write_all(junk);
+            }
+        }
+    }
+    assert!(qemu_io_writes(&a, 0x25, 16, 2 << 20), "writes go on");
+    pair::wait_status(&a, "still paired", WAIT, |s| {
+        links_up(s) && s["out_of_sync_bytes"] == 0
+    });
+    assert!(b.is_running(), "garbage stopped nas-b");
+    assert_replicas_equal(&a, &b);
+}

@@ -144,10 +144,20 @@ struct ClientReq {
 #[derive(Debug, Clone)]
 enum Purpose {
     Client(u64),
-    ResyncData { first: u64, count: u64 },
-    ResyncFlush(Vec<u64>),
+    ResyncData {
+        first: u64,
+        count: u64,
+        resync_id: u64,
+    },
+    ResyncFlush {
+        regions: Vec<u64>,
+        resync_id: u64,
+    },
     ResyncDone,
-    Verify { offset: u64, len: u64 },
+    Verify {
+        offset: u64,
+        len: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -168,7 +178,11 @@ enum Internal {
         verify: bool,
     },
     /// The resync source reads a region.
-    ResyncRead { first: u64, count: u64 },
+    ResyncRead {
+        first: u64,
+        count: u64,
+        resync_id: u64,
+    },
     /// A verify reads its local half.
     VerifyRead { offset: u64, len: u64 },
 }
@@ -193,6 +207,9 @@ enum Pairing {
 
 #[derive(Debug, Default)]
 struct Resync {
+    /// Numbers each resync, so that a completion or acknowledgement of an abandoned one (its
+    /// regions already released by `abort_all_resyncs`) is recognised and dropped.
+    id: u64,
     total_bytes: u64,
     done_bytes: u64,
     cursor: u64,
@@ -277,6 +294,7 @@ pub struct Mirror {
     exchange_id: u64,
     /// What the last decision said about rule 7's election.
     elect_me: Option<bool>,
+    resync_ids: u64,
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
@@ -367,6 +385,7 @@ impl Mirror {
             refusal: None,
             exchange_id: 0,
             elect_me: None,
+            resync_ids: 0,
         }
     }
 
@@ -494,6 +513,16 @@ impl Mirror {
 
     pub fn links_mut(&mut self) -> &mut PeerLinks {
         &mut self.links
+    }
+
+    fn new_resync_id(&mut self) -> u64 {
+        self.resync_ids += 1;
+        self.resync_ids
+    }
+
+    /// The resync running now, if it is the one numbered `id`.
+    fn resync_if(&mut self, id: u64) -> Option<&mut Resync> {
+        self.resync.as_mut().filter(|r| r.id == id)
     }
 
     fn ack_timeout_ms(&self) -> u64 {
@@ -1206,6 +1235,7 @@ impl Mirror {
                 let total = self.map.dirty_bytes();
                 log::info!("resync starting as source (total_bytes={total} full={full})");
                 self.resync = Some(Resync {
+                    id: self.new_resync_id(),
                     total_bytes: total,
                     ..Resync::default()
                 });
@@ -1550,20 +1580,28 @@ impl Mirror {
                 }
                 self.try_finish(tag);
             }
-            Purpose::ResyncData { first, count } => {
-                if let Some(resync) = self.resync.as_mut() {
-                    resync.sent -= 1;
-                    if status == 0 {
-                        resync.written.extend(first..first + count);
-                    } else {
-                        for region in first..first + count {
-                            self.map.resync_aborted(region);
-                        }
-                        log::error!("the peer failed a resync write (errno={status})");
+            Purpose::ResyncData {
+                first,
+                count,
+                resync_id,
+            } => {
+                let Some(resync) = self.resync_if(resync_id) else {
+                    return; // an abandoned resync: its regions were released then
+                };
+                resync.sent -= 1;
+                if status == 0 {
+                    resync.written.extend(first..first + count);
+                } else {
+                    for region in first..first + count {
+                        self.map.resync_aborted(region);
                     }
+                    log::error!("the peer failed a resync write (errno={status})");
                 }
             }
-            Purpose::ResyncFlush(regions) => {
+            Purpose::ResyncFlush { regions, resync_id } => {
+                if self.resync_if(resync_id).is_none() {
+                    return;
+                }
                 let region_bytes = self.map.region_bytes();
                 let volume = self.map.volume_bytes();
                 let mut cleared = 0;
@@ -1720,16 +1758,18 @@ impl Mirror {
                 self.send(&Message::Ack { seq, status, value });
                 self.drain_apply_waiting();
             }
-            Internal::ResyncRead { first, count } => {
+            Internal::ResyncRead {
+                first,
+                count,
+                resync_id,
+            } => {
                 let range = self.chunk_range(first, count);
                 if let Some(i) = self.active_ranges.iter().position(|&a| a == range) {
                     self.active_ranges.swap_remove(i);
                 }
-                let Some(resync) = self.resync.as_mut() else {
-                    for region in first..first + count {
-                        self.map.resync_aborted(region);
-                    }
-                    return;
+                self.admit_waiting();
+                let Some(resync) = self.resync_if(resync_id) else {
+                    return; // an abandoned resync: its regions were released then
                 };
                 resync.reading -= 1;
                 let sent = match completion.result {
@@ -1738,7 +1778,14 @@ impl Mirror {
                             offset: range.0,
                             data: buf.as_slice().to_vec(),
                         };
-                        self.send_stream(body, Purpose::ResyncData { first, count })
+                        self.send_stream(
+                            body,
+                            Purpose::ResyncData {
+                                first,
+                                count,
+                                resync_id,
+                            },
+                        )
                     }
                     _ => {
                         log::error!("disk: a resync read failed (offset={})", range.0);
@@ -1996,6 +2043,7 @@ impl Mirror {
             let total = self.map.dirty_bytes();
             log::info!("resync starting (total_bytes={total})");
             self.resync = Some(Resync {
+                id: self.new_resync_id(),
                 total_bytes: total,
                 ..Resync::default()
             });
@@ -2046,9 +2094,11 @@ impl Mirror {
             self.active_ranges.push(range);
             let mut buf = IoBuf::new(range.1 as usize);
             buf.set_len(range.1 as usize);
+            let resync_id = self.resync.as_ref().map_or(0, |r| r.id);
             let tag = self.internal_tag(Internal::ResyncRead {
                 first: region,
                 count,
+                resync_id,
             });
             self.outputs.push_back(EngineOutput::Disk {
                 tag,
@@ -2077,7 +2127,14 @@ impl Mirror {
         {
             let regions = std::mem::take(&mut resync.written);
             resync.flush_in_flight = true;
-            if !self.send_stream(StreamBody::Flush, Purpose::ResyncFlush(regions.clone())) {
+            let resync_id = resync.id;
+            if !self.send_stream(
+                StreamBody::Flush,
+                Purpose::ResyncFlush {
+                    regions: regions.clone(),
+                    resync_id,
+                },
+            ) {
                 for region in regions {
                     self.map.resync_aborted(region);
                 }
@@ -2096,12 +2153,10 @@ impl Mirror {
             && self.map.resync_in_flight_count() == 0
         {
             if self.map.dirty_count() > 0 {
-                // Another pass for the regions skipped or redone.
-                if resync.cursor != 0 {
-                    resync.cursor = 0;
-                    resync.needs_pass = false;
-                    self.pump_resync();
-                }
+                // Another pass, from the start, for the regions skipped or redone (at the next
+                // event: a region a client holds frees up only when its request finishes).
+                resync.cursor = 0;
+                resync.needs_pass = false;
                 return;
             }
             if !resync.done_sent {

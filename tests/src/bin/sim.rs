@@ -2,16 +2,20 @@
 //! start, or seeds until stopped (`--forever`). Prints `SEED=` and a one-line reproduction of the
 //! first failure and exits non-zero.
 //!
-//! `cargo run -p tandem-tests --release --bin sim -- [--seed N] [--steps N] [--seeds N] [--forever]`
+//! `cargo run -p tandem-tests --release --bin sim -- [--pair] [--seed N] [--steps N] [--seeds N] [--forever]`
+//!
+//! `--pair` runs the two-node simulator (`tandem_tests::sim::pair`) instead of the one-node
+//! power-cut simulator; `--steps` is then the virtual milliseconds of faults per seed.
 
 use std::process::ExitCode;
+use tandem_tests::sim::pair::PairSim;
 use tandem_tests::sim::{repro_command, run_seed, Options};
 
 const STEPS_DEFAULT: u64 = 5_000;
 const SEEDS_DEFAULT: u64 = 1_000;
 
 fn usage() -> ExitCode {
-    eprintln!("usage: sim [--seed N] [--steps N] [--seeds N] [--forever]");
+    eprintln!("usage: sim [--pair] [--seed N] [--steps N] [--seeds N] [--forever]");
     ExitCode::from(64)
 }
 
@@ -20,6 +24,7 @@ fn main() -> ExitCode {
     let mut steps = STEPS_DEFAULT;
     let mut seeds = SEEDS_DEFAULT;
     let mut forever = false;
+    let mut pair = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().and_then(|v| v.parse::<u64>().ok());
@@ -37,8 +42,12 @@ fn main() -> ExitCode {
                 None => return usage(),
             },
             "--forever" => forever = true,
+            "--pair" => pair = true,
             _ => return usage(),
         }
+    }
+    if pair {
+        return run_pairs(seed, steps, seeds, forever);
     }
     if let Some(seed) = seed {
         eprintln!("SEED={seed} options={:?}", Options::swarm(seed));
@@ -67,6 +76,47 @@ fn main() -> ExitCode {
             println!("{failure}");
             println!("options: {:?}", Options::swarm(seed));
             println!("repro: {}", repro_command(seed, steps));
+            return ExitCode::FAILURE;
+        }
+        n += 1;
+        if n.is_multiple_of(100) {
+            println!("{n} seeds passed (last SEED={seed})");
+        }
+    }
+    println!("{n} seeds passed");
+    ExitCode::SUCCESS
+}
+
+/// The two-node simulator: one seed, or seeds from a random start.
+fn run_pairs(seed: Option<u64>, steps: u64, seeds: u64, forever: bool) -> ExitCode {
+    let fault_ms = if steps == STEPS_DEFAULT {
+        20_000
+    } else {
+        steps
+    };
+    let one = |seed: u64| PairSim::new(seed).run(fault_ms);
+    if let Some(seed) = seed {
+        return match one(seed) {
+            Ok(report) => {
+                println!("SEED={seed} ok: {report:?}");
+                ExitCode::SUCCESS
+            }
+            Err(failure) => {
+                println!("{failure}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    println!("starting at SEED={start}");
+    let mut n: u64 = 0;
+    while forever || n < seeds {
+        let seed = start.wrapping_add(n);
+        if let Err(failure) = one(seed) {
+            println!("{failure}");
             return ExitCode::FAILURE;
         }
         n += 1;

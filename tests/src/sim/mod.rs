@@ -29,6 +29,7 @@
 pub mod client;
 pub mod disk;
 pub mod model;
+pub mod pair;
 pub mod prng;
 
 use client::{Client, Workload};
