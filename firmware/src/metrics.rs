@@ -179,6 +179,18 @@ pub fn render(status: &Status) -> String {
         &[("", status.sync.total_bytes as f64)],
     );
     out.metric(
+        "sync_running",
+        "gauge",
+        "1 while a resync runs.",
+        &[("", f64::from(u8::from(status.sync_running)))],
+    );
+    out.metric(
+        "out_of_sync_bytes",
+        "gauge",
+        "Bytes this node's dirty bitmap says may differ from the peer.",
+        &[("", status.out_of_sync_bytes as f64)],
+    );
+    out.metric(
         "uptime_seconds",
         "gauge",
         "Seconds since the node started.",

@@ -140,6 +140,8 @@ pub struct SyncProgress {
     pub done_bytes: u64,
     /// Bytes to copy in all.
     pub total_bytes: u64,
+    /// Milliseconds the resync has run (or ran).
+    pub elapsed_ms: u64,
 }
 
 /// The state of each link to the peer.
@@ -375,6 +377,7 @@ impl Node {
                 sync = SyncProgress {
                     done_bytes: progress.done_bytes,
                     total_bytes: progress.total_bytes,
+                    elapsed_ms: progress.elapsed_ms,
                 };
                 sync_running = progress.running;
                 out_of_sync_bytes = mirror.dirty_bytes();

@@ -464,3 +464,29 @@ fn garbage_on_both_links_changes_no_data() {
     assert!(b.is_running(), "garbage stopped nas-b");
     assert_replicas_equal(&a, &b);
 }
+
+#[test]
+fn status_shows_the_resync_for_humans() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let pair = Pair::new("mirror-status");
+    let a = pair.start("a");
+    let mut b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    b.kill();
+    assert!(qemu_io_writes(&a, 0x66, 8, 1 << 20));
+    let text = a.ctl(&["status"]).stdout;
+    assert!(text.contains("out-of-sync:512.0 KiB"), "{text}");
+    let b = pair.start("b");
+    pair::wait_status(&a, "resync done", WAIT, |s| {
+        resync_finished(s) && s["sync"]["done_bytes"].as_u64() > Some(0)
+    });
+    let text = a.ctl(&["status"]).stdout;
+    assert!(
+        text.contains("sync: [####################] 100% 512.0 KiB of 512.0 KiB"),
+        "{text}"
+    );
+    assert!(text.contains("out-of-sync:0 B"), "{text}");
+    drop(b);
+}

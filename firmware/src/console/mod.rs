@@ -163,6 +163,36 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// `sync: [#####.....] 52% 1.2 GiB of 2.3 GiB, 140 MiB/s, ETA 8 s` (or the last resync).
+fn sync_line(status: &Status) -> String {
+    let sync = status.sync;
+    if sync.total_bytes == 0 {
+        return "sync: none".to_string();
+    }
+    let done = sync.done_bytes.min(sync.total_bytes);
+    let percent = done * 100 / sync.total_bytes;
+    let filled = (percent / 5) as usize;
+    let bar: String = "#".repeat(filled) + &".".repeat(20 - filled);
+    let rate = (done * 1000).checked_div(sync.elapsed_ms).unwrap_or(0);
+    let mut line = format!(
+        "sync: [{bar}] {percent}% {} of {}",
+        human_bytes(done),
+        human_bytes(sync.total_bytes)
+    );
+    if rate > 0 {
+        line.push_str(&format!(", {}/s", human_bytes(rate)));
+    }
+    if status.sync_running {
+        if rate > 0 {
+            let eta_s = (sync.total_bytes - done).div_ceil(rate);
+            line.push_str(&format!(", ETA {eta_s} s"));
+        }
+    } else {
+        line.push_str(" (finished or interrupted)");
+    }
+    line
+}
+
 /// The compact human view of a status, in the spirit of `drbdadm status`.
 pub fn render_status(status: &Status) -> String {
     let mut out = String::new();
@@ -197,6 +227,22 @@ pub fn render_status(status: &Status) -> String {
     ));
     for reason in &status.not_ready_reasons {
         out.push_str(&format!("\n    - {reason}"));
+    }
+    if status.peer != crate::node::PeerState::None {
+        out.push_str(&format!(
+            "\n  generation:{} out-of-sync:{}",
+            status.generation,
+            human_bytes(status.out_of_sync_bytes)
+        ));
+        out.push_str(&format!("\n  {}", sync_line(status)));
+        if let Some(verify) = &status.verify {
+            out.push_str(&format!(
+                "\n  verify: {} checked:{} mismatches:{}",
+                if verify.running { "running" } else { "done" },
+                human_bytes(verify.checked_bytes),
+                verify.mismatches.len()
+            ));
+        }
     }
     for warning in &status.warnings {
         out.push_str(&format!("\n  warning: {warning}"));

@@ -221,6 +221,7 @@ struct Resync {
     /// This resync may not finish before it has walked the map once more from the start
     /// (regions skipped because a client write held them).
     needs_pass: bool,
+    started_at: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -239,6 +240,8 @@ pub struct ResyncProgress {
     pub running: bool,
     pub done_bytes: u64,
     pub total_bytes: u64,
+    /// How long the resync has run (or ran).
+    pub elapsed_ms: u64,
 }
 
 /// One node's half of the mirror.
@@ -434,6 +437,7 @@ impl Mirror {
                 running: true,
                 done_bytes: r.done_bytes,
                 total_bytes: r.total_bytes.max(r.done_bytes),
+                elapsed_ms: self.now.millis_since(r.started_at),
             },
             None => self.last_resync,
         }
@@ -860,6 +864,7 @@ impl Mirror {
                 running: false,
                 done_bytes: resync.done_bytes,
                 total_bytes: resync.total_bytes.max(resync.done_bytes),
+                elapsed_ms: self.now.millis_since(resync.started_at),
             };
             log::warn!("resync interrupted (done_bytes={})", resync.done_bytes);
         }
@@ -1636,6 +1641,7 @@ impl Mirror {
                         running: false,
                         done_bytes: resync.done_bytes,
                         total_bytes: resync.total_bytes.max(resync.done_bytes),
+                        elapsed_ms: self.now.millis_since(resync.started_at),
                     };
                 }
             }
@@ -2044,6 +2050,7 @@ impl Mirror {
             log::info!("resync starting (total_bytes={total})");
             self.resync = Some(Resync {
                 id: self.new_resync_id(),
+                started_at: self.now,
                 total_bytes: total,
                 ..Resync::default()
             });
