@@ -490,3 +490,49 @@ fn status_shows_the_resync_for_humans() {
     assert!(text.contains("out-of-sync:0 B"), "{text}");
     drop(b);
 }
+
+#[test]
+fn verify_finds_a_damaged_copy_and_repairs_it() {
+    use std::os::unix::fs::FileExt;
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let pair = Pair::new("mirror-verify");
+    let a = pair.start("a");
+    let b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    assert!(qemu_io_writes(&a, 0x77, 8, 1 << 20));
+    // Damage nas-b's copy behind its back (a disk that returned wrong data).
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b.config().backing)
+        .expect("open nas-b's disk");
+    file.write_all_at(&[0xee; 512], (3 << 20) + 4096)
+        .expect("damage");
+    file.sync_all().expect("sync");
+    a.ctl(&["verify"]).assert_success("verify");
+    let status = pair::wait_status(&a, "verify done", WAIT, |s| s["verify"]["running"] == false);
+    let mismatches = status["verify"]["mismatches"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(mismatches.len(), 1, "{status:#}");
+    let (offset, len) = (
+        mismatches[0][0].as_u64().unwrap_or(0),
+        mismatches[0][1].as_u64().unwrap_or(0),
+    );
+    assert!(
+        offset <= (3 << 20) + 4096 && (3 << 20) + 4096 < offset + len,
+        "{status:#}"
+    );
+    // The mismatching range is resynced from the primary.
+    pair::wait_status(&a, "repaired", WAIT, |s| {
+        resync_finished(s) && s["sync"]["done_bytes"].as_u64() > Some(0)
+    });
+    assert_replicas_equal(&a, &b);
+    assert!(a
+        .ctl(&["events"])
+        .stdout
+        .contains("verify: the copies differ"));
+}
