@@ -556,23 +556,7 @@ impl Node {
             "disk completion of unknown origin"
         );
         let tag = completion.tag & ((1 << TAG_ORIGIN_SHIFT) - 1);
-        let done = match completion.result {
-            Ok(DiskDone::Buf(buf)) => VolumeDone::Buf(buf),
-            Ok(DiskDone::Done) => VolumeDone::Done,
-            Ok(DiskDone::Extents(extents)) => VolumeDone::Extents(extents),
-            Err(e) => {
-                log::error!("disk: request failed (error={e})");
-                let error = if e.is_no_space() {
-                    errno::ENOSPC
-                } else {
-                    errno::EIO
-                };
-                VolumeDone::Failed {
-                    error,
-                    buf: completion.buf,
-                }
-            }
-        };
+        let done = volume_done(completion);
         self.server.handle_volume_done(tag, done);
     }
 
@@ -714,8 +698,29 @@ impl Node {
     }
 }
 
+/// What the NBD server is told of a finished disk request.
+pub(crate) fn volume_done(completion: DiskCompletion) -> VolumeDone {
+    match completion.result {
+        Ok(DiskDone::Buf(buf)) => VolumeDone::Buf(buf),
+        Ok(DiskDone::Done) => VolumeDone::Done,
+        Ok(DiskDone::Extents(extents)) => VolumeDone::Extents(extents),
+        Err(e) => {
+            log::error!("disk: request failed (error={e})");
+            let error = if e.is_no_space() {
+                errno::ENOSPC
+            } else {
+                errno::EIO
+            };
+            VolumeDone::Failed {
+                error,
+                buf: completion.buf,
+            }
+        }
+    }
+}
+
 /// The disk request that carries out a volume request on the local disk.
-fn volume_to_disk(request: VolumeRequest) -> DiskRequest {
+pub(crate) fn volume_to_disk(request: VolumeRequest) -> DiskRequest {
     match request {
         VolumeRequest::Read { offset, buf } => DiskRequest::Read { offset, buf },
         VolumeRequest::Write { offset, buf, fua } => DiskRequest::Write { offset, buf, fua },

@@ -1469,24 +1469,7 @@ impl Mirror {
                 in_al: range.is_some(),
             },
         );
-        let request = match request {
-            VolumeRequest::Read { offset, buf } => DiskRequest::Read { offset, buf },
-            VolumeRequest::Write { offset, buf, fua } => DiskRequest::Write { offset, buf, fua },
-            VolumeRequest::Flush => DiskRequest::Flush,
-            VolumeRequest::Trim { offset, len, fua } => DiskRequest::Discard { offset, len, fua },
-            VolumeRequest::WriteZeroes {
-                offset,
-                len,
-                may_deallocate,
-                fua,
-            } => DiskRequest::WriteZeroes {
-                offset,
-                len,
-                may_deallocate,
-                fua,
-            },
-            VolumeRequest::MapExtents { offset, len } => DiskRequest::MapExtents { offset, len },
-        };
+        let request = crate::node::volume_to_disk(request);
         self.outputs.push_back(EngineOutput::Disk { tag, request });
     }
 
@@ -1700,23 +1683,7 @@ impl Mirror {
             self.internal_done(completion);
         } else {
             let tag = completion.tag;
-            let done = match completion.result {
-                Ok(DiskDone::Buf(buf)) => VolumeDone::Buf(buf),
-                Ok(DiskDone::Done) => VolumeDone::Done,
-                Ok(DiskDone::Extents(extents)) => VolumeDone::Extents(extents),
-                Err(e) => {
-                    log::error!("disk: request failed (error={e})");
-                    let error = if e.is_no_space() {
-                        errno::ENOSPC
-                    } else {
-                        errno::EIO
-                    };
-                    VolumeDone::Failed {
-                        error,
-                        buf: completion.buf,
-                    }
-                }
-            };
+            let done = crate::node::volume_done(completion);
             match self.reqs.get_mut(&tag) {
                 Some(req) => {
                     req.local = Some(done);
