@@ -302,6 +302,29 @@ fn switchover_hands_the_role_to_the_peer() {
     pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
     pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
     assert!(qemu_io_writes(&a, 0x31, 8, 1 << 20));
+    // Commands that do not fit the pair's state are refused with a reason.
+    for (node, args, why) in [
+        (
+            &b,
+            &["--yes", "promote", "--force"][..],
+            "refused while the peer is connected",
+        ),
+        (
+            &a,
+            &["--yes", "resolve-split-brain", "--keep", "nas-a"][..],
+            "no split brain",
+        ),
+        (&b, &["verify"][..], "run it on the primary"),
+        (
+            &a,
+            &["--yes", "resolve-split-brain", "--keep", "nas-z"][..],
+            "no split brain",
+        ),
+    ] {
+        let out = node.ctl(args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(out.stderr.contains(why), "{args:?}: {}", out.stderr);
+    }
     let epoch_before = a.status_json()["epoch"].as_u64().unwrap_or(0);
     assert!(!a.ctl(&["switchover"]).status.success(), "needs --yes");
     a.ctl(&["--yes", "switchover"]).assert_success("switchover");
