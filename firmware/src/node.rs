@@ -340,11 +340,6 @@ impl Node {
             .unwrap_or_default()
     }
 
-    /// True when no request of the node is in flight anywhere.
-    pub fn is_quiet(&self) -> bool {
-        self.mirror.as_ref().is_none_or(|m| m.is_quiet())
-    }
-
     // ---- getters -------------------------------------------------------------------------
 
     /// The node's status now.

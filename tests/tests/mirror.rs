@@ -116,7 +116,7 @@ fn a_fresh_pair_pairs_without_copying_and_mirrors_every_write() {
     );
     assert_replicas_equal(&a, &b);
     // verify compares both copies and finds nothing.
-    assert!(!a.ctl(&["verify"]).stdout.is_empty());
+    a.ctl(&["verify"]).assert_success("verify");
     let status = pair::wait_status(&a, "verify done", WAIT, |s| s["verify"]["running"] == false);
     assert_eq!(
         status["verify"]["mismatches"],

@@ -121,18 +121,9 @@ pub enum EngineOutput {
     Serving(bool),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReqKind {
-    Read,
-    Write,
-    Flush,
-    Other,
-}
-
 /// A client request in flight on a primary.
 #[derive(Debug)]
 struct ClientReq {
-    kind: ReqKind,
     range: Option<(u64, u64)>,
     /// The local completion, held until the peer's part is done.
     local: Option<VolumeDone>,
@@ -218,9 +209,6 @@ struct Resync {
     written: Vec<u64>,
     flush_in_flight: bool,
     done_sent: bool,
-    /// This resync may not finish before it has walked the map once more from the start
-    /// (regions skipped because a client write held them).
-    needs_pass: bool,
     started_at: Instant,
 }
 
@@ -515,10 +503,6 @@ impl Mirror {
         self.links.poll_output()
     }
 
-    pub fn links_mut(&mut self) -> &mut PeerLinks {
-        &mut self.links
-    }
-
     fn new_resync_id(&mut self) -> u64 {
         self.resync_ids += 1;
         self.resync_ids
@@ -714,7 +698,7 @@ impl Mirror {
                         log::error!("peer sent a malformed message (link={link} error={e}); dropping the link");
                         self.links.drop_link(link, "malformed message");
                     }
-                    Some(Ok(message)) => self.handle_message(link, message),
+                    Some(Ok(message)) => self.handle_message(message),
                 },
             }
         }
@@ -946,7 +930,7 @@ impl Mirror {
 
     // ---- messages ------------------------------------------------------------------------
 
-    fn handle_message(&mut self, link: LinkKind, message: Message) {
+    fn handle_message(&mut self, message: Message) {
         match message {
             Message::State(state) => self.handle_peer_state(state),
             Message::Bitmap { runs } => {
@@ -1010,7 +994,6 @@ impl Mirror {
                 } else {
                     log::error!("resolve-split-brain from the peer names an unknown node '{keep}'");
                 }
-                let _ = link;
             }
         }
     }
@@ -1404,12 +1387,6 @@ impl Mirror {
     }
 
     fn issue(&mut self, tag: u64, request: VolumeRequest, range: Option<(u64, u64)>) {
-        let kind = match &request {
-            VolumeRequest::Read { .. } | VolumeRequest::MapExtents { .. } => ReqKind::Read,
-            VolumeRequest::Write { .. } => ReqKind::Write,
-            VolumeRequest::Flush => ReqKind::Flush,
-            _ => ReqKind::Other,
-        };
         let body = match &request {
             VolumeRequest::Write { offset, buf, fua } => Some(StreamBody::Write {
                 offset: *offset,
@@ -1462,7 +1439,6 @@ impl Mirror {
         self.reqs.insert(
             tag,
             ClientReq {
-                kind,
                 range,
                 local: None,
                 peer_pending,
@@ -1632,7 +1608,6 @@ impl Mirror {
                 if let Some(verify) = self.verify.as_mut() {
                     let entry = verify.halves.entry(offset).or_default();
                     entry.1 = Some(if status == 0 { value } else { !0 });
-                    let _ = len;
                 }
                 self.check_verify(offset, len);
             }
@@ -1669,7 +1644,6 @@ impl Mirror {
                 self.al.end_write(range.0, range.1);
             }
         }
-        let _ = req.kind;
         if let Some(done) = req.local {
             self.outputs.push_back(EngineOutput::Done { tag, done });
         }
@@ -1804,7 +1778,8 @@ impl Mirror {
         )
     }
 
-    /// Whether a client request holds (or waits for) part of `range`.
+    /// Whether a client request, a resync read or a verify read holds part of `range`, or a
+    /// client request waits for it.
     fn client_holds(&self, range: (u64, u64)) -> bool {
         self.active_ranges.iter().any(|&a| overlaps(a, range))
             || self
@@ -2033,7 +2008,6 @@ impl Mirror {
         };
         let mut cursor = resync.cursor;
         let mut in_flight = resync.reading + resync.sent;
-        let mut needs_pass = resync.needs_pass;
         let region_count = self.map.region_count();
         while in_flight < window {
             let Some(region) = self.map.next_dirty(cursor) else {
@@ -2041,8 +2015,7 @@ impl Mirror {
             };
             cursor = region + 1;
             if self.client_holds(self.chunk_range(region, 1)) {
-                needs_pass = true;
-                continue;
+                continue; // a client holds it: the next pass takes it
             }
             match self.map.begin_resync(region) {
                 ResyncBegin::Started => {}
@@ -2093,7 +2066,6 @@ impl Mirror {
             return;
         };
         resync.cursor = cursor;
-        resync.needs_pass = needs_pass;
         let idle = resync.reading == 0 && resync.sent == 0;
         if !resync.flush_in_flight
             && !resync.written.is_empty()
@@ -2130,7 +2102,6 @@ impl Mirror {
                 // Another pass, from the start, for the regions skipped or redone (at the next
                 // event: a region a client holds frees up only when its request finishes).
                 resync.cursor = 0;
-                resync.needs_pass = false;
                 return;
             }
             if !resync.done_sent {
@@ -2152,12 +2123,7 @@ impl Mirror {
         while in_flight < 8 && cursor < volume {
             let len = step.min(volume - cursor);
             let range = (cursor, len);
-            if self.active_ranges.iter().any(|&a| overlaps(a, range))
-                || self
-                    .waiting
-                    .iter()
-                    .any(|(_, r)| request_range(r).is_some_and(|r| overlaps(r, range)))
-            {
+            if self.client_holds(range) {
                 break; // a client write holds it: come back after it
             }
             if !self.send_stream(
@@ -2441,11 +2407,6 @@ impl Mirror {
         self.refusal = None;
         // A fresh exchange with the new disk state; the peer starts one when it sees our state.
         self.start_pairing();
-    }
-
-    /// Called before a clean stop: nothing more is accepted.
-    pub fn is_quiet(&self) -> bool {
-        self.reqs.is_empty() && self.internal.is_empty()
     }
 
     /// The bitmap blocks not yet on disk, for a clean stop: a clean stop does not replay the

@@ -46,19 +46,37 @@ fn main() -> ExitCode {
             _ => return usage(),
         }
     }
-    if pair {
-        return run_pairs(seed, steps, seeds, forever);
-    }
+    // One seed: Ok with its report, Err with the failure and how to replay it.
+    let run_one = |seed: u64| -> Result<String, String> {
+        if pair {
+            let fault_ms = if steps == STEPS_DEFAULT {
+                20_000
+            } else {
+                steps
+            };
+            PairSim::new(seed)
+                .run(fault_ms)
+                .map(|report| format!("{report:?}"))
+        } else {
+            run_seed(seed, steps)
+                .map(|report| format!("{report:?}"))
+                .map_err(|failure| {
+                    format!(
+                        "{failure}\noptions: {:?}\nrepro: {}",
+                        Options::swarm(seed),
+                        repro_command(seed, steps)
+                    )
+                })
+        }
+    };
     if let Some(seed) = seed {
-        eprintln!("SEED={seed} options={:?}", Options::swarm(seed));
-        return match run_seed(seed, steps) {
+        return match run_one(seed) {
             Ok(report) => {
-                println!("SEED={seed} ok: {report:?}");
+                println!("SEED={seed} ok: {report}");
                 ExitCode::SUCCESS
             }
             Err(failure) => {
                 println!("{failure}");
-                println!("repro: {}", repro_command(seed, steps));
                 ExitCode::FAILURE
             }
         };
@@ -72,50 +90,7 @@ fn main() -> ExitCode {
     let mut n: u64 = 0;
     while forever || n < seeds {
         let seed = start.wrapping_add(n);
-        if let Err(failure) = run_seed(seed, steps) {
-            println!("{failure}");
-            println!("options: {:?}", Options::swarm(seed));
-            println!("repro: {}", repro_command(seed, steps));
-            return ExitCode::FAILURE;
-        }
-        n += 1;
-        if n.is_multiple_of(100) {
-            println!("{n} seeds passed (last SEED={seed})");
-        }
-    }
-    println!("{n} seeds passed");
-    ExitCode::SUCCESS
-}
-
-/// The two-node simulator: one seed, or seeds from a random start.
-fn run_pairs(seed: Option<u64>, steps: u64, seeds: u64, forever: bool) -> ExitCode {
-    let fault_ms = if steps == STEPS_DEFAULT {
-        20_000
-    } else {
-        steps
-    };
-    let one = |seed: u64| PairSim::new(seed).run(fault_ms);
-    if let Some(seed) = seed {
-        return match one(seed) {
-            Ok(report) => {
-                println!("SEED={seed} ok: {report:?}");
-                ExitCode::SUCCESS
-            }
-            Err(failure) => {
-                println!("{failure}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    let start = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    println!("starting at SEED={start}");
-    let mut n: u64 = 0;
-    while forever || n < seeds {
-        let seed = start.wrapping_add(n);
-        if let Err(failure) = one(seed) {
+        if let Err(failure) = run_one(seed) {
             println!("{failure}");
             return ExitCode::FAILURE;
         }
