@@ -10,6 +10,7 @@
 
 pub mod buf;
 pub mod disk;
+pub mod net;
 pub mod serial;
 pub mod signals;
 pub mod watchdog;
@@ -18,6 +19,10 @@ pub use buf::IoBuf;
 pub use disk::{
     DiskCompletion, DiskDone, DiskError, DiskOpenError, DiskRequest, Extent, LinuxDisk,
     EXTENT_COUNT_MAX,
+};
+pub use net::{
+    add_address, has_address, interface_for_address, interface_index, interface_mac,
+    remove_address, ArpPacket, ArpSocket, LinkWatch,
 };
 pub use serial::{SerialError, SerialPort};
 pub use signals::TerminationSignals;

@@ -16,6 +16,7 @@ use crate::nbd::{
 use crate::peer::link::{LinkConn, LinkInfo, LinkOutput, LinkSettings, LinkState, PeerLinks};
 use crate::peer::{LinkKind, Role as LinkRole, PEER_NONCE_BYTES};
 use crate::replication::engine::{EngineOutput, LoadedState, Mirror, MirrorSettings};
+use crate::replication::wire::UplinkHealth;
 use crate::time::Instant;
 use crate::wire::nbd::errno;
 use tandem_board::{DiskCompletion, DiskDone, DiskRequest, IoBuf};
@@ -131,6 +132,12 @@ pub enum Output {
         bytes: Vec<u8>,
         flush_first: bool,
     },
+    /// Probe the cluster IP; report with [`Node::handle_cluster_ip_probe`].
+    ProbeClusterIp,
+    /// Add and announce (true) or drop (false) the cluster IP.
+    ClusterIp(bool),
+    /// Fence this node now (reboot, or exit 75 in test mode).
+    Fence { reason: String },
 }
 
 /// Progress of the current or most recent resync.
@@ -342,6 +349,14 @@ impl Node {
 
     // ---- getters -------------------------------------------------------------------------
 
+    /// The node's role now.
+    pub fn role(&self) -> Role {
+        match &self.mirror {
+            None => self.role,
+            Some(m) => m.role(),
+        }
+    }
+
     /// The node's status now.
     pub fn status(&self) -> Status {
         let mut sync = SyncProgress::default();
@@ -353,6 +368,7 @@ impl Node {
             None => (self.role, self.disk, 0),
             Some(m) => (m.role(), m.disk_state(), m.epoch()),
         };
+        let mut readiness = None;
         let (peer, links, mut not_ready_reasons, warnings) = match &self.mirror {
             None => (
                 PeerState::None,
@@ -378,11 +394,8 @@ impl Node {
                 out_of_sync_bytes = mirror.dirty_bytes();
                 generation = format!("{:016x}", mirror.generations().current);
                 verify = mirror.verify_report();
-                let mut reasons = mirror.not_ready_reasons();
-                reasons.push(
-                    "automatic failover is not built yet (switchover and promote --force work)"
-                        .to_string(),
-                );
+                readiness = Some(mirror.readiness());
+                let reasons = Vec::new();
                 let mut warnings = Vec::new();
                 if connected && heartbeat != LinkState::Up {
                     warnings.push(
@@ -402,7 +415,13 @@ impl Node {
                 (mirror.peer_link_state(), links, reasons, warnings)
             }
         };
-        if self.maintenance {
+        let (mut auto_failover, mut ready_for_failover, mut uplink) = (false, false, "unknown");
+        if let Some(readiness) = readiness {
+            auto_failover = readiness.auto_failover;
+            ready_for_failover = readiness.ready_for_failover;
+            uplink = readiness.uplink.name();
+            not_ready_reasons = readiness.not_ready_reasons;
+        } else if self.maintenance {
             not_ready_reasons.push("maintenance mode: automatic failover suspended".to_string());
         }
         let rtt = |link| self.link_info(link).and_then(|i| i.rtt_ms);
@@ -418,10 +437,10 @@ impl Node {
             disk,
             peer,
             links,
-            uplink: "unknown",
+            uplink,
             epoch,
-            auto_failover: false,
-            ready_for_failover: false,
+            auto_failover,
+            ready_for_failover,
             not_ready_reasons,
             warnings,
             sync,
@@ -503,6 +522,31 @@ impl Node {
         let now = self.now;
         if let Some(mirror) = self.mirror.as_mut() {
             mirror.handle_link_closed(conn, now);
+        }
+    }
+
+    /// The lan port's carrier and the gateway probe, as the runtime sees them now.
+    pub fn handle_uplink(&mut self, uplink: UplinkHealth, now: Instant) {
+        self.now = now;
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.set_uplink(uplink, now);
+        }
+    }
+
+    /// The probe of the cluster IP asked for by [`Output::ProbeClusterIp`] ended; `answered`
+    /// when another host claimed the address.
+    pub fn handle_cluster_ip_probe(&mut self, answered: bool, now: Instant) {
+        self.now = now;
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.handle_cluster_ip_probe(answered, now);
+        }
+    }
+
+    /// Another host's ARP claimed the cluster IP.
+    pub fn handle_cluster_ip_conflict(&mut self, now: Instant) {
+        self.now = now;
+        if let Some(mirror) = self.mirror.as_mut() {
+            mirror.handle_cluster_ip_conflict(now);
         }
     }
 
@@ -670,6 +714,9 @@ impl Node {
                         self.server.set_serving(serving);
                         continue;
                     }
+                    Some(EngineOutput::ProbeClusterIp) => return Some(Output::ProbeClusterIp),
+                    Some(EngineOutput::ClusterIp(add)) => return Some(Output::ClusterIp(add)),
+                    Some(EngineOutput::Fence { reason }) => return Some(Output::Fence { reason }),
                     None => {}
                 }
             }

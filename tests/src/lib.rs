@@ -14,8 +14,10 @@
 //! Every wait here has a deadline: a hung daemon or client fails the test, it never hangs it.
 
 pub mod nbd_wire;
+pub mod netns;
 pub mod pair;
 pub mod sim;
+pub mod workload;
 
 use std::fs;
 use std::io::{self, Read};
@@ -332,6 +334,8 @@ pub struct NodeConfig {
     pub config_path: PathBuf,
     /// Extra TOML appended to the config (for example a `[metrics]` section).
     pub extra_toml: String,
+    /// The network namespace to run the node in (`ip netns exec NS tandem run ...`), when set.
+    pub netns: Option<String>,
 }
 
 impl NodeConfig {
@@ -348,6 +352,7 @@ impl NodeConfig {
             control_socket: dir.join(format!("{name}-ctl.sock")),
             config_path: dir.join(format!("{name}.toml")),
             extra_toml: String::new(),
+            netns: None,
         }
     }
 
@@ -427,7 +432,16 @@ impl Node {
                 .unwrap_or(0)
         ));
         let stderr = fs::File::create(&stderr_path).expect("create node stderr log");
-        let child = Command::new(tandem_bin())
+        // `ip netns exec` execs the program: the child's pid is tandem's own.
+        let mut command = match &config.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]).arg(tandem_bin());
+                command
+            }
+            None => Command::new(tandem_bin()),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&config.config_path)

@@ -157,11 +157,41 @@ pub struct SimpleReply {
     pub cookie: u64,
 }
 
+/// A socket an NBD client can run on: unix (the node's `nbd_socket`) or TCP (`nbd_listen`).
+pub trait NbdStream: Read + Write + std::fmt::Debug {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl NbdStream for UnixStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl NbdStream for std::net::TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
 /// A raw NBD connection.
 #[derive(Debug)]
-pub struct RawClient {
-    stream: UnixStream,
+pub struct RawClient<S: NbdStream = UnixStream> {
+    stream: S,
     next_cookie: u64,
+}
+
+impl RawClient<std::net::TcpStream> {
+    /// An NBD client on a connected TCP stream, with the same timeouts; nothing read yet.
+    pub fn over_tcp(stream: std::net::TcpStream) -> io::Result<Self> {
+        stream.set_read_timeout(Some(RawClient::IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(RawClient::IO_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(RawClient {
+            stream,
+            next_cookie: 1,
+        })
+    }
 }
 
 impl RawClient {
@@ -190,9 +220,11 @@ impl RawClient {
             .unwrap_or_else(|reply| panic!("NBD_OPT_GO refused: {reply:?}"));
         (client, export)
     }
+}
 
+impl<S: NbdStream> RawClient<S> {
     /// The socket, for tests that write raw bytes.
-    pub fn stream(&mut self) -> &mut UnixStream {
+    pub fn stream(&mut self) -> &mut S {
         &mut self.stream
     }
 
@@ -455,7 +487,7 @@ impl RawClient {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    let _ = self.stream.set_read_timeout(Some(Self::IO_TIMEOUT));
+                    let _ = self.stream.set_read_timeout(Some(RawClient::IO_TIMEOUT));
                     return false;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

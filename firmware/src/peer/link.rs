@@ -18,10 +18,13 @@ use super::{
 use crate::time::Instant;
 use std::collections::VecDeque;
 
-/// The keepalive frame. That it opens proves the peer is alive; its 24-byte header (three
-/// little-endian u64: the sender's clock in ms, the last peer clock value it received, and how
-/// long it held that value before this send) gives the round-trip time without synchronised
-/// clocks: `rtt = now - echo - held`, all on the receiver's own clock.
+/// The keepalive frame, which is the heartbeat. That it opens proves the peer is alive; its
+/// 24-byte header (three little-endian u64: the sender's clock in ms, the last peer clock value
+/// it received, and how long it held that value before this send) gives the round-trip time
+/// without synchronised clocks: `rtt = now - echo - held`, all on the receiver's own clock. The
+/// echo is also the primary's lease: the peer heard this node at `echo` on this node's clock, so
+/// it cannot have taken over before `echo + dead time`. After the header comes the sender's state
+/// (`replication::wire::Beat`), set by the engine with [`PeerLinks::set_beat`].
 pub const FRAME_KEEPALIVE: u8 = frame_kind::APPLICATION_MIN;
 
 /// Bytes of the keepalive header.
@@ -77,6 +80,13 @@ pub enum LinkEvent {
     Up(LinkKind),
     /// A link's session ended.
     Down(LinkKind),
+    /// A heartbeat with the peer's state arrived; `sent_ms` is the peer's clock, which orders
+    /// the heartbeats of both links.
+    Beat {
+        link: LinkKind,
+        sent_ms: u64,
+        body: Vec<u8>,
+    },
     /// An application frame (not a keepalive) arrived on a link.
     Frame {
         link: LinkKind,
@@ -130,6 +140,9 @@ enum Link {
         peer_clock_heard: Instant,
         /// The last round-trip time measured.
         rtt_ms: Option<u64>,
+        /// The newest echo of this node's clock the peer sent (0 = none yet).
+        echo_ms: u64,
+        established_at: Instant,
     },
 }
 
@@ -168,6 +181,10 @@ pub struct PeerLinks {
     last_heard: Option<Instant>,
     outputs: VecDeque<LinkOutput>,
     events: VecDeque<LinkEvent>,
+    /// This node's state, sent after every keepalive header.
+    beat: Vec<u8>,
+    /// The state changed since the last keepalive: send one now.
+    beat_changed: bool,
 }
 
 fn index(link: LinkKind) -> usize {
@@ -187,6 +204,8 @@ impl PeerLinks {
             last_heard: None,
             outputs: VecDeque::new(),
             events: VecDeque::new(),
+            beat: Vec::new(),
+            beat_changed: false,
         }
     }
 
@@ -229,6 +248,58 @@ impl PeerLinks {
         self.links.iter().any(|l| matches!(l, Link::Up { .. }))
     }
 
+    /// The lease this node holds: the peer heard it at this instant (on this node's clock) on
+    /// some link that is up. `None` before the first echo.
+    pub fn lease_echo(&self) -> Option<Instant> {
+        self.links
+            .iter()
+            .filter_map(|link| match link {
+                Link::Up { echo_ms, .. } if *echo_ms != 0 => Some(Instant::from_millis(*echo_ms)),
+                _ => None,
+            })
+            .max()
+    }
+
+    /// Frames arrive but the peer has not heard this node for the dead time on any link that is
+    /// up (one-way loss): the peer is "half" (DESIGN.md §4).
+    pub fn is_half(&self, now: Instant) -> bool {
+        let dead = self.settings.dead_time_ms;
+        let mut any_up = false;
+        for link in &self.links {
+            if let Link::Up {
+                echo_ms,
+                established_at,
+                last_heard,
+                ..
+            } = link
+            {
+                if now.millis_since(*last_heard) >= dead / 2 {
+                    // Nothing arrives either: dying, not half.
+                    return false;
+                }
+                any_up = true;
+                let heard_from = if *echo_ms == 0 {
+                    *established_at
+                } else {
+                    Instant::from_millis(*echo_ms)
+                };
+                if now.millis_since(heard_from) < dead {
+                    return false;
+                }
+            }
+        }
+        any_up
+    }
+
+    /// Sets this node's state for the heartbeats; a change goes out at once.
+    pub fn set_beat(&mut self, beat: &[u8]) {
+        if self.beat != beat {
+            self.beat.clear();
+            self.beat.extend_from_slice(beat);
+            self.beat_changed = true;
+        }
+    }
+
     /// When a frame last arrived from the peer on any link.
     pub fn last_heard(&self) -> Option<Instant> {
         self.last_heard
@@ -241,6 +312,9 @@ impl PeerLinks {
 
     /// The earliest instant at which `handle_timeout` has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.beat_changed && self.is_connected() {
+            return Some(Instant::from_millis(0));
+        }
         let candidates = self
             .candidates
             .iter()
@@ -438,6 +512,7 @@ impl PeerLinks {
                 peer_clock_ms,
                 peer_clock_heard,
                 rtt_ms,
+                echo_ms,
                 ..
             } = &mut self.links[i]
             else {
@@ -468,10 +543,19 @@ impl PeerLinks {
                         *peer_clock_ms = sent;
                         *peer_clock_heard = now;
                         let elapsed = now.as_millis().checked_sub(echo);
-                        if echo != 0 {
+                        // An echo from the future is not ours: neither a lease nor an RTT.
+                        if echo != 0 && echo <= now.as_millis() {
                             // A peer that claims to have held it longer than the round trip
                             // took is lying or confused: no measurement.
                             *rtt_ms = elapsed.and_then(|e| e.checked_sub(held));
+                            *echo_ms = (*echo_ms).max(echo);
+                        }
+                        if body.len() > KEEPALIVE_HEADER_BYTES {
+                            self.events.push_back(LinkEvent::Beat {
+                                link: conn.link,
+                                sent_ms: sent,
+                                body: body[KEEPALIVE_HEADER_BYTES..].to_vec(),
+                            });
                         }
                     }
                 }
@@ -522,6 +606,7 @@ impl PeerLinks {
 
     /// Time passed: keepalives go out, silent links and stuck handshakes are closed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let beat_now = std::mem::take(&mut self.beat_changed);
         for i in 0..2 {
             let stuck = self.candidates[i]
                 .as_ref()
@@ -560,7 +645,7 @@ impl PeerLinks {
                         self.close(conn, &format!("nothing heard for {dead_ms} ms"));
                         continue;
                     }
-                    if now >= *next_keepalive {
+                    if now >= *next_keepalive || beat_now {
                         let mut header = [0u8; KEEPALIVE_HEADER_BYTES];
                         // A clock value of 0 means "none": the origin is never sent.
                         header[0..8].copy_from_slice(&now.as_millis().max(1).to_le_bytes());
@@ -570,7 +655,7 @@ impl PeerLinks {
                             header[16..24].copy_from_slice(&held.to_le_bytes());
                         }
                         let mut bytes = Vec::new();
-                        match session.seal(FRAME_KEEPALIVE, &header, &[], &mut bytes) {
+                        match session.seal(FRAME_KEEPALIVE, &header, &self.beat, &mut bytes) {
                             Ok(()) => self.outputs.push_back(LinkOutput::Send { conn, bytes }),
                             Err(e) => {
                                 self.close(conn, &format!("cannot seal a keepalive ({e})"));
@@ -645,6 +730,8 @@ impl PeerLinks {
             peer_clock_ms: 0,
             peer_clock_heard: now,
             rtt_ms: None,
+            echo_ms: 0,
+            established_at: now,
         };
         log::info!("peer link up (link={} peer={peer_name})", conn.link);
         self.events.push_back(LinkEvent::Up(conn.link));

@@ -35,7 +35,11 @@
 //! rule 2). While alone, each write's regions are marked in the bitmap and the bitmap block is
 //! made durable before the write is issued.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod failover;
+
+pub use failover::{Readiness, CLUSTER_IP_PROBE_MS};
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::metadata::{flags, Layout, Superblock, SUPERBLOCK_BYTES};
 use crate::nbd::{VolumeDone, VolumeRequest};
@@ -87,6 +91,28 @@ pub struct MirrorSettings {
     pub boot_id: u64,
     /// Seed for new generation ids (random per process start).
     pub id_seed: u64,
+    /// A cluster IP is configured (`[cluster] vip`).
+    pub cluster_ip: bool,
+    /// A gateway probe is configured (`[cluster] uplink_probe`).
+    pub gateway_probe: bool,
+    /// `failback = "preferred"`.
+    pub failback_preferred: bool,
+    /// Rules switched off on purpose, for the simulator's mutation checks only (the runtime
+    /// always leaves them all off).
+    pub mutations: Mutations,
+}
+
+/// Safety rules the simulator switches off to prove that its checkers catch what they guard
+/// against. Never set outside the simulator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mutations {
+    /// No lease (rule 1) and no degrade wait or probe (rule 2): a primary that loses its peer
+    /// serves alone at once.
+    pub no_lease: bool,
+    /// A takeover does not probe the cluster IP (rule 3).
+    pub no_arp_probe: bool,
+    /// A takeover ignores the uplink, and no primary fences (rules 3 and 4).
+    pub no_gateway_check: bool,
 }
 
 /// The persistent state the runtime loaded from the device at start.
@@ -119,6 +145,15 @@ pub enum EngineOutput {
     Done { tag: u64, done: VolumeDone },
     /// Start (true) or stop serving NBD clients.
     Serving(bool),
+    /// Probe the cluster IP (three ARP probes from 0.0.0.0, 100 ms apart, 150 ms wait) and
+    /// report with [`Mirror::handle_cluster_ip_probe`].
+    ProbeClusterIp,
+    /// Add the cluster IP and announce it with gratuitous ARP (true; again means announce
+    /// again), or drop it (false).
+    ClusterIp(bool),
+    /// Fence this node now: drop the cluster IP (already asked), stop serving, reboot (or, in
+    /// test mode, exit with status 75).
+    Fence { reason: String },
 }
 
 /// A client request in flight on a primary.
@@ -129,6 +164,8 @@ struct ClientReq {
     local: Option<VolumeDone>,
     peer_pending: bool,
     in_al: bool,
+    /// Sent to the peer: its acknowledgement needs a valid lease.
+    mirrored: bool,
 }
 
 /// Why a stream message was sent.
@@ -286,6 +323,26 @@ pub struct Mirror {
     /// What the last decision said about rule 7's election.
     elect_me: Option<bool>,
     resync_ids: u64,
+    /// Failover state (`failover.rs`).
+    fo: failover::Failover,
+    /// The link the last stream message arrived on (acknowledgements go back on it).
+    stream_rx_link: Option<LinkKind>,
+    /// Client requests failed when this node demoted with them in flight: their disk
+    /// completions are failed too, never acknowledged.
+    abandoned: HashSet<u64>,
+}
+
+/// A finished request turned into a refusal (`ESHUTDOWN`), its buffer kept.
+fn shut_down(done: VolumeDone) -> VolumeDone {
+    let buf = match done {
+        VolumeDone::Buf(buf) => Some(buf),
+        VolumeDone::Failed { buf, .. } => buf,
+        _ => None,
+    };
+    VolumeDone::Failed {
+        error: errno::ESHUTDOWN,
+        buf,
+    }
 }
 
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
@@ -377,6 +434,9 @@ impl Mirror {
             exchange_id: 0,
             elect_me: None,
             resync_ids: 0,
+            fo: failover::Failover::default(),
+            stream_rx_link: None,
+            abandoned: HashSet::new(),
         }
     }
 
@@ -404,7 +464,9 @@ impl Mirror {
     }
 
     pub fn peer_link_state(&self) -> PeerLinkState {
-        if self.links.is_connected() {
+        if self.links.is_connected() && self.links.is_half(self.now) {
+            PeerLinkState::Half
+        } else if self.links.is_connected() {
             PeerLinkState::Connected
         } else {
             PeerLinkState::Lost
@@ -434,29 +496,6 @@ impl Mirror {
     /// Regions this node knows may differ from the peer.
     pub fn dirty_bytes(&self) -> u64 {
         self.map.dirty_bytes()
-    }
-
-    /// Why a failover (or a clean pair) is not possible now, in the operator's words.
-    pub fn not_ready_reasons(&self) -> Vec<String> {
-        let mut reasons = Vec::new();
-        if !self.links.is_connected() {
-            reasons.push("peer lost".to_string());
-        }
-        if let Some(refusal) = &self.refusal {
-            reasons.push(refusal.clone());
-        }
-        if self.resync.is_some() || self.syncing {
-            reasons.push("resync running".to_string());
-        }
-        if let Some(peer) = &self.peer_state {
-            if self.links.is_connected() && peer.disk != DiskFreshness::UpToDate {
-                reasons.push(format!("peer disk is {}", freshness_name(peer.disk)));
-            }
-        }
-        if self.freeze_until.is_some() {
-            reasons.push("degrade procedure running: writes held".to_string());
-        }
-        reasons
     }
 
     /// Verify progress and findings, for `status`: (checked bytes, mismatching ranges).
@@ -489,6 +528,7 @@ impl Mirror {
             self.freeze_until,
             self.outdate_at,
             ack,
+            self.failover_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -623,7 +663,8 @@ impl Mirror {
         self.now = now;
         self.links.handle_timeout(now);
         self.process_link_events();
-        if self.freeze_until.is_some_and(|t| now >= t) {
+        let probed = !self.settings.cluster_ip || self.fo.degrade_probed;
+        if self.freeze_until.is_some_and(|t| now >= t) && probed {
             self.finish_degrade();
         }
         if self.outdate_at.is_some_and(|t| now >= t) {
@@ -692,8 +733,13 @@ impl Mirror {
             match event {
                 LinkEvent::Up(link) => self.link_up(link),
                 LinkEvent::Down(link) => self.link_down(link),
+                LinkEvent::Beat { sent_ms, body, .. } => self.handle_beat(sent_ms, &body),
                 LinkEvent::Frame { link, kind, body } => match Message::decode(kind, &body) {
                     None => log::debug!("peer: ignoring a frame of unknown kind {kind:#x}"),
+                    Some(Ok(message @ Message::Stream { .. })) => {
+                        self.stream_rx_link = Some(link);
+                        self.handle_message(message);
+                    }
                     Some(Err(e)) => {
                         log::error!("peer sent a malformed message (link={link} error={e}); dropping the link");
                         self.links.drop_link(link, "malformed message");
@@ -739,6 +785,20 @@ impl Mirror {
 
     fn send(&mut self, message: &Message) -> Option<LinkKind> {
         let link = self.stream_link()?;
+        self.send_on(link, message)
+    }
+
+    /// An acknowledgement goes back on the link its stream message came in on (while that
+    /// link is up): the primary moved the stream there because it found the other link dead,
+    /// which this node may not have noticed yet.
+    fn send_ack(&mut self, message: &Message) -> Option<LinkKind> {
+        match self.stream_rx_link {
+            Some(link) if self.links.state(link) == LinkState::Up => self.send_on(link, message),
+            _ => self.send(message),
+        }
+    }
+
+    fn send_on(&mut self, link: LinkKind, message: &Message) -> Option<LinkKind> {
         let (header, payload) = message.encode();
         self.links
             .send(link, message.kind(), &header, payload)
@@ -836,6 +896,7 @@ impl Mirror {
         if matches!(self.pairing, Pairing::None) {
             return;
         }
+        let was_paired = matches!(self.pairing, Pairing::Paired { .. });
         log::warn!(
             "pairing with the peer ended (peer={} reason={reason})",
             self.settings.peer_name
@@ -867,10 +928,14 @@ impl Mirror {
                 self.unacked.clear();
             }
             _ => {
+                let in_sync = !self.syncing;
                 self.syncing = false;
                 if self.disk == DiskFreshness::UpToDate {
                     let last = self.links.last_heard().unwrap_or(self.now);
                     self.outdate_at = Some(last.plus_millis(self.takeover_window_ms()));
+                    if !self.links.is_connected() && self.role == Role::Secondary {
+                        self.start_takeover(was_paired && in_sync);
+                    }
                 }
             }
         }
@@ -880,6 +945,12 @@ impl Mirror {
     // ---- degrade -------------------------------------------------------------------------
 
     fn begin_degrade(&mut self) {
+        if self.settings.mutations.no_lease {
+            self.freeze_until = Some(self.now);
+            self.mirroring = false;
+            self.finish_degrade();
+            return;
+        }
         let last = self.links.last_heard().unwrap_or(self.now);
         let until = last.plus_millis(self.takeover_window_ms()).max(self.now);
         log::warn!(
@@ -888,10 +959,18 @@ impl Mirror {
         );
         self.freeze_until = Some(until);
         self.mirroring = false;
+        if self.settings.cluster_ip {
+            // The probe ends as the wait does (or at once after a stall of the board).
+            self.fo.degrade_probed = false;
+            let at = Instant::from_millis(until.as_millis().saturating_sub(CLUSTER_IP_PROBE_MS));
+            self.fo.degrade_probe_at = Some(at.max(self.now));
+        }
     }
 
     fn finish_degrade(&mut self) {
         self.freeze_until = None;
+        self.fo.degrade_probe_at = None;
+        self.fo.degrade_probed = false;
         // Every write the peer did not acknowledge may be missing there.
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for unacked in std::mem::take(&mut self.unacked).into_values() {
@@ -1284,6 +1363,10 @@ impl Mirror {
         self.mirroring = matches!(self.pairing, Pairing::Paired { .. });
         self.next_seq = self.next_seq.max(1);
         log::warn!("role changed to primary (epoch={})", self.sb.epoch);
+        if self.settings.cluster_ip {
+            self.fo.holds_ip = true;
+            self.outputs.push_back(EngineOutput::ClusterIp(true));
+        }
         self.outputs.push_back(EngineOutput::Serving(true));
         self.send_state(Exchange::Update);
     }
@@ -1297,6 +1380,10 @@ impl Mirror {
         self.switching = false;
         self.set_flag(flags::WAS_PRIMARY, false);
         self.persist_superblock();
+        if self.fo.holds_ip {
+            self.fo.holds_ip = false;
+            self.outputs.push_back(EngineOutput::ClusterIp(false));
+        }
         self.outputs.push_back(EngineOutput::Serving(false));
         // Requests that never started are refused; those in flight finish.
         for (tag, request) in std::mem::take(&mut self.waiting) {
@@ -1308,6 +1395,30 @@ impl Mirror {
         }
         log::warn!("role changed to secondary (epoch={})", self.sb.epoch);
         self.send_state(Exchange::Update);
+    }
+
+    /// Fails every client request in flight (this node demoted with them held): a request
+    /// whose disk part is done is failed now, the others when their completion arrives.
+    fn abandon_client_requests(&mut self) {
+        for (tag, req) in std::mem::take(&mut self.reqs) {
+            if let Some(range) = req.range {
+                if req.in_al {
+                    self.al.end_write(range.0, range.1);
+                }
+            }
+            match req.local {
+                Some(done) => {
+                    let done = shut_down(done);
+                    self.outputs.push_back(EngineOutput::Done { tag, done });
+                }
+                None => {
+                    self.abandoned.insert(tag);
+                }
+            }
+        }
+        self.active_ranges.clear();
+        self.unacked
+            .retain(|_, u| !matches!(u.purpose, Purpose::Client(_)));
     }
 
     fn fail_request(&mut self, tag: u64, request: VolumeRequest, error: u32) {
@@ -1413,6 +1524,7 @@ impl Mirror {
             _ => None,
         };
         let mut peer_pending = false;
+        let mirrored = self.mirroring;
         if let Some(body) = body {
             if range.is_some() {
                 self.before_data_write();
@@ -1443,6 +1555,7 @@ impl Mirror {
                 local: None,
                 peer_pending,
                 in_al: range.is_some(),
+                mirrored,
             },
         );
         let request = crate::node::volume_to_disk(request);
@@ -1518,7 +1631,8 @@ impl Mirror {
                 Unacked {
                     body,
                     link: if sent { link } else { down },
-                    sent_at: unacked.sent_at,
+                    // The acknowledgement timeout counts from this send.
+                    sent_at: if sent { self.now } else { unacked.sent_at },
                     purpose: unacked.purpose,
                 },
             );
@@ -1623,14 +1737,20 @@ impl Mirror {
 
     /// Finishes a client request whose local and peer parts are both done.
     fn try_finish(&mut self, tag: u64) {
-        if self.freeze_until.is_some() {
-            return; // held: nothing is acknowledged while degrading
+        if self.freeze_until.is_some() || self.fo.defending {
+            return; // held: nothing is acknowledged while degrading or defending
         }
-        let ready = self
-            .reqs
-            .get(&tag)
-            .is_some_and(|r| r.local.is_some() && !r.peer_pending);
-        if !ready {
+        let Some(req) = self.reqs.get(&tag) else {
+            return;
+        };
+        if req.local.is_none() || req.peer_pending {
+            return;
+        }
+        if req.mirrored && self.mirroring && !self.lease_valid() {
+            // Rule 1: the peer has not heard this node within the dead time (a stall, or a
+            // link going quiet): held until the lease is renewed or the degrade procedure
+            // decides.
+            self.fo.lease_held = true;
             return;
         }
         let Some(req) = self.reqs.remove(&tag) else {
@@ -1658,6 +1778,12 @@ impl Mirror {
         } else {
             let tag = completion.tag;
             let done = crate::node::volume_done(completion);
+            if self.abandoned.remove(&tag) {
+                let done = shut_down(done);
+                self.outputs.push_back(EngineOutput::Done { tag, done });
+                self.pump();
+                return;
+            }
             match self.reqs.get_mut(&tag) {
                 Some(req) => {
                     req.local = Some(done);
@@ -1702,7 +1828,7 @@ impl Mirror {
                     self.set_disk(DiskFreshness::Outdated);
                 }
                 self.applied_status.insert(seq, (status, value));
-                self.send(&Message::Ack { seq, status, value });
+                self.send_ack(&Message::Ack { seq, status, value });
                 self.drain_apply_waiting();
             }
             Internal::ResyncRead {
@@ -1804,7 +1930,7 @@ impl Mirror {
         }
         if seq < self.next_expected {
             if let Some(&(status, value)) = self.applied_status.get(&seq) {
-                self.send(&Message::Ack { seq, status, value });
+                self.send_ack(&Message::Ack { seq, status, value });
             }
             return;
         }
@@ -1869,7 +1995,7 @@ impl Mirror {
             {
                 log::error!("the peer sent a request past the end of the volume (offset={offset} len={len})");
                 self.applied_status.insert(seq, (errno::EINVAL, 0));
-                self.send(&Message::Ack {
+                self.send_ack(&Message::Ack {
                     seq,
                     status: errno::EINVAL,
                     value: 0,
@@ -1930,7 +2056,7 @@ impl Mirror {
             StreamBody::ResyncDone { generations } => {
                 self.finish_resync_as_target(generations);
                 self.applied_status.insert(seq, (0, 0));
-                self.send(&Message::Ack {
+                self.send_ack(&Message::Ack {
                     seq,
                     status: 0,
                     value: 0,
@@ -1970,8 +2096,10 @@ impl Mirror {
 
     // ---- resync and verify (the primary drives both) -------------------------------------
 
-    /// Moves background work forward: admits held requests, resync and verify requests.
+    /// Moves work forward after every input: the failover rules, then (on a mirroring
+    /// primary) resync and verify requests and a switchover's drain.
     fn pump(&mut self) {
+        self.check_failover();
         if self.role != Role::Primary || !self.mirroring || self.freeze_until.is_some() {
             return;
         }

@@ -28,6 +28,9 @@
 //! | 5 | resync data: `offset` u64, payload | writes (target of a resync) |
 //! | 6 | resync done: the source's generations (4 x u64) | records the end of the resync |
 //! | 7 | verify: `offset` u64, `len` u64 | reads, acks with a digest in `value` |
+//!
+//! The heartbeat's state ([`Beat`]) is not a message of its own: it rides in every keepalive of
+//! both links (`peer::link`), after the keepalive's clock header.
 
 use crate::replication::generation::{DiskFreshness, Generations};
 
@@ -89,6 +92,117 @@ pub struct PeerState {
     pub maintenance: bool,
     /// The activity-log extents of a crashed primary (empty otherwise).
     pub al_extents: Vec<u32>,
+}
+
+/// The uplink health a node reports in its heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UplinkHealth {
+    /// Not known (no lan interface found, or no probe result yet).
+    #[default]
+    Unknown = 0,
+    /// Carrier on the lan port and, when configured, the gateway answers.
+    Healthy = 1,
+    /// No carrier, or the gateway probe is silent.
+    Down = 2,
+}
+
+impl UplinkHealth {
+    /// The word `status` uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            UplinkHealth::Unknown => "unknown",
+            UplinkHealth::Healthy => "healthy",
+            UplinkHealth::Down => "down",
+        }
+    }
+}
+
+/// What every heartbeat carries about its sender (DESIGN.md §4 "States and what the heartbeats
+/// carry"): 37 bytes, little-endian. The keepalive header around it carries the sender's clock
+/// and the echo of ours, which order heartbeats and give the lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// Random per process start (a restarted peer's beats start a new order).
+    pub boot_id: u64,
+    pub role: WireRole,
+    pub epoch: u64,
+    pub disk: DiskFreshness,
+    /// Receiving a resync.
+    pub syncing: bool,
+    pub uplink: UplinkHealth,
+    pub maintenance: bool,
+    pub current_generation: u64,
+    /// The sender holds the cluster IP.
+    pub holds_cluster_ip: bool,
+}
+
+/// Bytes of an encoded [`Beat`].
+pub const BEAT_BYTES: usize = 31;
+
+impl Beat {
+    pub fn encode(&self) -> [u8; BEAT_BYTES] {
+        let mut out = [0u8; BEAT_BYTES];
+        out[0..8].copy_from_slice(&self.boot_id.to_le_bytes());
+        out[8] = self.role as u8;
+        out[9..17].copy_from_slice(&self.epoch.to_le_bytes());
+        out[17] = freshness_byte(self.disk);
+        out[18] = u8::from(self.syncing);
+        out[19] = self.uplink as u8;
+        out[20] = u8::from(self.maintenance);
+        out[21..29].copy_from_slice(&self.current_generation.to_le_bytes());
+        out[29] = u8::from(self.holds_cluster_ip);
+        out[30] = 0; // reserved
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Beat, DecodeError> {
+        let mut r = Reader { bytes };
+        let boot_id = r.u64()?;
+        let role = decode_role(r.u8()?)?;
+        let epoch = r.u64()?;
+        let disk = decode_freshness(r.u8()?)?;
+        let syncing = r.bool()?;
+        let uplink = match r.u8()? {
+            0 => UplinkHealth::Unknown,
+            1 => UplinkHealth::Healthy,
+            2 => UplinkHealth::Down,
+            _ => return Err(DecodeError("unknown uplink health")),
+        };
+        let maintenance = r.bool()?;
+        let current_generation = r.u64()?;
+        let holds_cluster_ip = r.bool()?;
+        r.u8()?;
+        r.end()?;
+        Ok(Beat {
+            boot_id,
+            role,
+            epoch,
+            disk,
+            syncing,
+            uplink,
+            maintenance,
+            current_generation,
+            holds_cluster_ip,
+        })
+    }
+}
+
+fn decode_role(byte: u8) -> Result<WireRole, DecodeError> {
+    match byte {
+        0 => Ok(WireRole::Secondary),
+        1 => Ok(WireRole::Primary),
+        _ => Err(DecodeError("unknown role")),
+    }
+}
+
+fn decode_freshness(byte: u8) -> Result<DiskFreshness, DecodeError> {
+    match byte {
+        0 => Ok(DiskFreshness::UpToDate),
+        1 => Ok(DiskFreshness::Consistent),
+        2 => Ok(DiskFreshness::Outdated),
+        3 => Ok(DiskFreshness::Inconsistent),
+        _ => Err(DecodeError("unknown disk state")),
+    }
 }
 
 /// One message of the replication stream, numbered by `seq`.
@@ -407,20 +521,10 @@ fn decode_state(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
     };
     let exchange_id = r.u64()?;
     let boot_id = r.u64()?;
-    let role = match r.u8()? {
-        0 => WireRole::Secondary,
-        1 => WireRole::Primary,
-        _ => return Err(DecodeError("unknown role")),
-    };
+    let role = decode_role(r.u8()?)?;
     let epoch = r.u64()?;
     let generations = r.generations()?;
-    let disk = match r.u8()? {
-        0 => DiskFreshness::UpToDate,
-        1 => DiskFreshness::Consistent,
-        2 => DiskFreshness::Outdated,
-        3 => DiskFreshness::Inconsistent,
-        _ => return Err(DecodeError("unknown disk state")),
-    };
+    let disk = decode_freshness(r.u8()?)?;
     let never_written = r.bool()?;
     let crashed_primary = r.bool()?;
     let maintenance = r.bool()?;
@@ -592,6 +696,35 @@ mod tests {
     }
 
     #[test]
+    fn a_beat_round_trips_and_refuses_bad_bytes() {
+        let beat = Beat {
+            boot_id: 0x0102_0304_0506_0708,
+            role: WireRole::Primary,
+            epoch: 9,
+            disk: DiskFreshness::Outdated,
+            syncing: true,
+            uplink: UplinkHealth::Down,
+            maintenance: true,
+            current_generation: 0xdead_beef,
+            holds_cluster_ip: true,
+        };
+        let bytes = beat.encode();
+        assert_eq!(Beat::decode(&bytes), Ok(beat));
+        assert!(Beat::decode(&bytes[..BEAT_BYTES - 1]).is_err());
+        let mut long = bytes.to_vec();
+        long.push(0);
+        assert!(Beat::decode(&long).is_err());
+        for (at, bad) in [(8, 2u8), (17, 4), (18, 2), (19, 3), (20, 2), (29, 7)] {
+            let mut wrong = bytes;
+            wrong[at] = bad;
+            assert!(
+                Beat::decode(&wrong).is_err(),
+                "byte {at} = {bad} must be refused"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_messages_are_refused() {
         let refused = |kind: u8, body: &[u8]| matches!(Message::decode(kind, body), Some(Err(_)));
         assert!(refused(kind::STATE, &[0; 10]));
@@ -632,6 +765,7 @@ mod tests {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(kind in 0x20u8..0x43, body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = Message::decode(kind, &body);
+            let _ = Beat::decode(&body);
         }
     }
 }

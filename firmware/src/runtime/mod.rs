@@ -8,6 +8,7 @@
 //! submitted once per turn). A client whose bytes the node could not take (back-pressure) is
 //! offered them again after disk completions; its socket is not read meanwhile.
 
+mod cluster;
 mod peer;
 pub mod volume;
 
@@ -47,6 +48,8 @@ pub enum StartError {
     SocketInUse(String),
     /// Anything else the machine refused (exit 70).
     Internal(String),
+    /// The node fenced itself in test mode (`watchdog.device = "none"`): exit 75.
+    Fenced(String),
 }
 
 impl StartError {
@@ -56,6 +59,7 @@ impl StartError {
             StartError::Backing(_) => crate::exit::BACKING,
             StartError::SocketInUse(_) => crate::exit::CANT_CREATE,
             StartError::Internal(_) => crate::exit::INTERNAL,
+            StartError::Fenced(_) => crate::exit::FENCED,
         }
     }
 }
@@ -63,9 +67,10 @@ impl StartError {
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::Backing(m) | StartError::SocketInUse(m) | StartError::Internal(m) => {
-                f.write_str(m)
-            }
+            StartError::Backing(m)
+            | StartError::SocketInUse(m)
+            | StartError::Internal(m)
+            | StartError::Fenced(m) => f.write_str(m),
         }
     }
 }
@@ -79,6 +84,10 @@ const CLIENT_OUTQ_BYTES_MAX: usize = 8 << 20;
 /// buffers count against the budget every other client shares.
 const CLIENT_SEND_STALL_MS: u64 = 10_000;
 
+/// A disk request outstanding this long with no completion at all means the disk is stuck:
+/// the watchdog is no longer petted (DESIGN.md §4 "The watchdog").
+const DISK_STUCK_MS: u64 = 30_000;
+
 /// Write payloads at least this large are read from the socket straight into their buffer.
 const DIRECT_PAYLOAD_BYTES_MIN: usize = 64 << 10;
 
@@ -89,6 +98,8 @@ const TOKEN_NBD_TCP: u64 = 4;
 const TOKEN_CONTROL: u64 = 5;
 const TOKEN_METRICS: u64 = 6;
 const TOKEN_SERIAL: u64 = 7;
+const TOKEN_CARRIER: u64 = 8;
+const TOKEN_ARP: u64 = 9;
 const TOKEN_CLIENT: u64 = 1 << 32;
 const TOKEN_CONTROL_CLIENT: u64 = 2 << 32;
 const TOKEN_LINK_LISTEN: u64 = 3 << 32;
@@ -214,9 +225,11 @@ struct ControlClient {
     deadline: Instant,
 }
 
-/// The clock the runtime reads: CLOCK_MONOTONIC in milliseconds.
+/// The clock the runtime reads: CLOCK_BOOTTIME in milliseconds, which keeps counting through
+/// any stall or suspend of the board, so a lease checked on it expires while the board sleeps
+/// (DESIGN.md §4 rule 1).
 fn now() -> Instant {
-    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     let ms = (ts.tv_sec as u64).saturating_mul(1000) + (ts.tv_nsec as u64) / 1_000_000;
     Instant::from_millis(ms)
 }
@@ -361,6 +374,15 @@ fn needs_confirmation(command: &Command) -> bool {
     )
 }
 
+/// `nbd_listen` is on the cluster IP: the listener opens when the address is added and
+/// closes when it is dropped.
+fn nbd_follows_vip(config: &Config) -> bool {
+    match (config.volume.nbd_listen, &config.cluster.vip, &config.peer) {
+        (Some(listen), Some(vip), Some(_)) => listen.ip() == std::net::IpAddr::V4(vip.addr),
+        _ => false,
+    }
+}
+
 /// The listening sockets of a node, bound before anything else is touched.
 #[derive(Debug)]
 struct Sockets {
@@ -386,8 +408,10 @@ impl Sockets {
             e
         };
         let nbd_tcp = match config.volume.nbd_listen {
-            Some(addr) => Some(bind_tcp(addr, "nbd_listen").map_err(failed)?),
-            None => None,
+            Some(addr) if !nbd_follows_vip(config) => {
+                Some(bind_tcp(addr, "nbd_listen").map_err(failed)?)
+            }
+            _ => None,
         };
         let metrics = match &config.metrics {
             Some(metrics) => Some(bind_tcp(metrics.listen, "metrics listen").map_err(failed)?),
@@ -429,6 +453,16 @@ pub struct Runtime {
     watchdog: Option<Watchdog>,
     next_pet: Instant,
     pets: u64,
+    /// The lan port: carrier, gateway probe, cluster IP (a node with a peer off loopback).
+    cluster: Option<cluster::ClusterNet>,
+    /// Why the node fenced itself, once it has.
+    fenced: Option<String>,
+    /// The last time the disk completed anything, or had nothing outstanding.
+    disk_progress: Instant,
+    /// How long the last turn of the loop took.
+    last_turn_ms: u64,
+    /// The role in the log lines' prefix.
+    logged_role: crate::node::Role,
     clients: Vec<Option<Client>>,
     controls: Vec<Option<ControlClient>>,
     /// Clients with replies queued since the last flush.
@@ -519,6 +553,11 @@ impl Runtime {
                     dead_time_ms: u64::from(config.cluster.dead_time_ms),
                     boot_id,
                     id_seed,
+                    cluster_ip: config.cluster.vip.is_some(),
+                    gateway_probe: config.cluster.uplink_probe.is_some(),
+                    failback_preferred: config.cluster.failback
+                        == crate::config::Failback::Preferred,
+                    mutations: Default::default(),
                 };
                 let links = crate::peer::link::LinkSettings {
                     key,
@@ -532,6 +571,7 @@ impl Runtime {
             }
             _ => Node::new_standalone(settings, now()),
         };
+        let node_role = node.role();
         let runtime = Runtime {
             node,
             disk,
@@ -549,6 +589,11 @@ impl Runtime {
             watchdog: None,
             next_pet: Instant::default(),
             pets: 0,
+            cluster: cluster::ClusterNet::open(config, now()),
+            fenced: None,
+            disk_progress: now(),
+            last_turn_ms: 0,
+            logged_role: node_role,
             clients: (0..NBD_CONNECTION_COUNT_MAX + NBD_REFUSED_CONNECTION_COUNT_MAX)
                 .map(|_| None)
                 .collect(),
@@ -645,6 +690,18 @@ impl Runtime {
             return;
         };
         if now < self.next_pet {
+            return;
+        }
+        // Petted only from a healthy loop: each turn within its budget (half the timeout), no
+        // disk request stuck, not fencing.
+        let budget_ms = u64::from(watchdog.timeout_s()) * 1000 / 2;
+        let disk_stuck =
+            self.disk.in_flight() > 0 && now.millis_since(self.disk_progress) >= DISK_STUCK_MS;
+        if self.last_turn_ms > budget_ms || disk_stuck || self.fenced.is_some() {
+            log::error!(
+                "watchdog: not petted (last_turn_ms={} disk_stuck={disk_stuck})",
+                self.last_turn_ms
+            );
             return;
         }
         match watchdog.pet() {
@@ -833,6 +890,19 @@ impl Runtime {
             let token = epoll::EventData::new_u64(TOKEN_SERIAL);
             epoll::add(&self.epoll, serial.port.as_fd(), token, level)?;
         }
+        if let Some(cluster) = &self.cluster {
+            if let Some(fd) = cluster.watch_fd() {
+                epoll::add(
+                    &self.epoll,
+                    fd,
+                    epoll::EventData::new_u64(TOKEN_CARRIER),
+                    level,
+                )?;
+            }
+            if let Some(fd) = cluster.arp_fd() {
+                epoll::add(&self.epoll, fd, epoll::EventData::new_u64(TOKEN_ARP), level)?;
+            }
+        }
         self.register_peer()?;
         Ok(())
     }
@@ -900,6 +970,16 @@ impl Runtime {
                         TOKEN_CONTROL => self.accept_from(Listener::Control),
                         TOKEN_METRICS => self.accept_from(Listener::Metrics),
                         TOKEN_SERIAL => self.read_serial(),
+                        TOKEN_CARRIER => {
+                            if let Some(cluster) = self.cluster.as_mut() {
+                                cluster.handle_watch(now());
+                            }
+                        }
+                        TOKEN_ARP => {
+                            if let Some(cluster) = self.cluster.as_mut() {
+                                cluster.handle_arp(now());
+                            }
+                        }
                         _ => log::error!("epoll: unknown token {token}"),
                     },
                 }
@@ -908,16 +988,26 @@ impl Runtime {
             if self.node.poll_timeout().is_some_and(|t| t <= now) {
                 self.node.handle_timeout(now);
             }
+            self.service_cluster(now);
             self.maintain_links(now);
             self.pet_watchdog(now);
             self.expire_controls(now);
             self.expire_stalled_clients(now);
             self.drain_outputs();
             self.retry_blocked();
+            let role = self.node.role();
+            if role != self.logged_role {
+                self.logged_role = role;
+                logger::set_prefix(&self.config.node.name, role.name());
+            }
             self.flush_serial_log();
+            if let Some(reason) = self.fenced.take() {
+                return self.fence(reason);
+            }
             if terminate {
                 return self.shutdown();
             }
+            self.last_turn_ms = self::now().millis_since(now);
         }
     }
 
@@ -935,6 +1025,9 @@ impl Runtime {
             self.controls.iter().flatten().map(|c| c.deadline).min(),
             self.peer.as_ref().and_then(peer::PeerSockets::poll_timeout),
             self.watchdog.as_ref().map(|_| self.next_pet),
+            self.cluster
+                .as_ref()
+                .and_then(cluster::ClusterNet::poll_timeout),
         ]
         .into_iter()
         .flatten()
@@ -1204,7 +1297,21 @@ impl Runtime {
                             }
                         }
                     }
-                    Output::Disk { tag, request } => self.disk.push(tag, request),
+                    Output::Disk { tag, request } => {
+                        if self.disk.in_flight() == 0 {
+                            self.disk_progress = now();
+                        }
+                        self.disk.push(tag, request)
+                    }
+                    Output::ProbeClusterIp => match self.cluster.as_mut() {
+                        Some(cluster) => cluster.start_probe(now()),
+                        None => {
+                            log::error!("cluster IP probe asked for, but no lan port is known: reporting the address held (no takeover)");
+                            self.node.handle_cluster_ip_probe(true, now());
+                        }
+                    },
+                    Output::ClusterIp(add) => self.set_cluster_ip(add),
+                    Output::Fence { reason } => self.fenced = Some(reason),
                     Output::LinkSend { conn, bytes } => self.send_link(conn, bytes),
                     Output::LinkClose { conn } => self.close_link(conn),
                     Output::Metadata {
@@ -1234,6 +1341,7 @@ impl Runtime {
             let mut reaped = false;
             while let Some(completion) = self.disk.poll_completion() {
                 self.node.handle_disk_completion(completion, now());
+                self.disk_progress = now();
                 reaped = true;
             }
             if !reaped {
@@ -1582,7 +1690,100 @@ impl Runtime {
         }
     }
 
+    /// Carries out the lan port's timers and hands its events to the node.
+    fn service_cluster(&mut self, now: Instant) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        if cluster.poll_timeout().is_some_and(|t| t <= now) {
+            cluster.handle_timeout(now);
+        }
+        for event in cluster.take_events() {
+            match event {
+                cluster::ClusterEvent::Uplink(uplink) => self.node.handle_uplink(uplink, now),
+                cluster::ClusterEvent::ProbeDone { answered } => {
+                    self.node.handle_cluster_ip_probe(answered, now);
+                }
+                cluster::ClusterEvent::Conflict => self.node.handle_cluster_ip_conflict(now),
+            }
+        }
+    }
+
+    /// Adds (and announces) or drops the cluster IP; an `nbd_listen` on it follows.
+    fn set_cluster_ip(&mut self, add: bool) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            log::error!(
+                "the cluster IP cannot be {} here: no lan port is known",
+                if add { "added" } else { "dropped" }
+            );
+            return;
+        };
+        if add {
+            cluster.add_vip(now());
+        } else {
+            cluster.remove_vip();
+        }
+        if !nbd_follows_vip(&self.config) {
+            return;
+        }
+        let Some(addr) = self.config.volume.nbd_listen else {
+            return;
+        };
+        if add && self.nbd_tcp.is_none() {
+            match bind_tcp(addr, "nbd_listen") {
+                Ok(listener) => {
+                    let token = epoll::EventData::new_u64(TOKEN_NBD_TCP);
+                    if let Err(e) = epoll::add(&self.epoll, &listener, token, epoll::EventFlags::IN)
+                    {
+                        log::error!("nbd_listen {addr}: cannot watch it (error={e})");
+                    }
+                    log::info!("nbd_listen opened on the cluster IP (address={addr})");
+                    self.nbd_tcp = Some(listener);
+                }
+                Err(e) => log::error!("nbd_listen: cannot open it on the cluster IP ({e})"),
+            }
+        } else if !add {
+            if let Some(listener) = self.nbd_tcp.take() {
+                let _ = epoll::delete(&self.epoll, &listener);
+                log::info!("nbd_listen closed with the cluster IP (address={addr})");
+            }
+        }
+    }
+
+    /// Rule 4: the engine has frozen I/O and dropped the cluster IP; now stop. In test mode
+    /// (`watchdog.device = "none"`) the process exits with status 75; on a board it reboots at
+    /// once (the watchdog, no longer petted, is the backstop).
+    fn fence(mut self, reason: String) -> Result<(), StartError> {
+        self.flush_serial_log();
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.remove_vip();
+        }
+        for slot in 0..self.clients.len() {
+            self.drop_client(slot);
+        }
+        self.remove_sockets();
+        let test_mode = !matches!(
+            self.config.watchdog.as_ref().map(|w| &w.device),
+            Some(WatchdogDevice::Path(_))
+        );
+        if test_mode {
+            return Err(StartError::Fenced(format!("fenced: {reason}")));
+        }
+        log::error!("fenced: rebooting now ({reason})");
+        self.flush_serial_log();
+        if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::Restart) {
+            log::error!("reboot failed (error={e}); the watchdog resets the board");
+        }
+        // The watchdog is no longer petted: wait for it.
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+    }
+
     fn shutdown(mut self) -> Result<(), StartError> {
+        if let Some(cluster) = self.cluster.as_mut() {
+            cluster.remove_vip();
+        }
         let _ = epoll::delete(&self.epoll, &self.nbd_unix);
         if let Some(tcp) = &self.nbd_tcp {
             let _ = epoll::delete(&self.epoll, tcp);

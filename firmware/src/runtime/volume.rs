@@ -1,5 +1,10 @@
 //! Opening the backing device at start-up: find its tandem metadata, or initialize a blank
-//! device, or refuse one that carries somebody else's data.
+//! device, or refuse one that carries somebody else's data; and, for a node with a peer, load
+//! its replication state (dirty bitmap, activity log).
+//!
+//! The loading logic reads and writes through [`Device`], synchronous I/O at byte offsets: the
+//! runtime gives it its `LinuxDisk`, and the two-node simulator (`tandem-tests`, `sim::pair`)
+//! its simulated disk's bytes, so that a simulated restart loads exactly what a real one does.
 
 use crate::metadata::{self, flags, Layout, Superblock, SUPERBLOCK_BYTES};
 use tandem_board::LinuxDisk;
@@ -50,13 +55,39 @@ impl std::fmt::Display for VolumeError {
     }
 }
 
+/// The backing device as start-up sees it: its size and synchronous reads and writes at byte
+/// offsets, each write durable when it returns. Two implementations: the runtime's `LinuxDisk`
+/// and the simulator's disk.
+pub trait Device {
+    /// Bytes of the whole device.
+    fn size_bytes(&self) -> u64;
+    /// Fills `buf` from `offset`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// Writes `bytes` at `offset`, durably.
+    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+impl Device for &LinuxDisk {
+    fn size_bytes(&self) -> u64 {
+        LinuxDisk::size_bytes(self)
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.read_at_sync(offset, buf)
+    }
+
+    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_at_sync(offset, bytes)
+    }
+}
+
 fn read_superblocks(
-    disk: &LinuxDisk,
+    disk: &mut impl Device,
     layout: &Layout,
 ) -> [Result<Superblock, metadata::SuperblockDecodeError>; 2] {
     layout.superblock_offsets.map(|offset| {
         let mut bytes = vec![0u8; SUPERBLOCK_BYTES];
-        match disk.read_at_sync(offset, &mut bytes) {
+        match disk.read_at(offset, &mut bytes) {
             Ok(()) => Superblock::decode(&bytes),
             Err(_) => Err(metadata::SuperblockDecodeError::Short),
         }
@@ -70,23 +101,32 @@ pub fn write_superblock(
     layout: &Layout,
     superblock: &Superblock,
 ) -> std::io::Result<()> {
+    write_superblock_to(&mut &*disk, layout, superblock)
+}
+
+/// [`write_superblock`] on any [`Device`].
+pub fn write_superblock_to(
+    disk: &mut impl Device,
+    layout: &Layout,
+    superblock: &Superblock,
+) -> std::io::Result<()> {
     let mut bytes = [0u8; SUPERBLOCK_BYTES];
     superblock.encode(&mut bytes);
     for offset in layout.superblock_offsets {
-        disk.write_at_sync(offset, &bytes)?;
+        disk.write_at(offset, &bytes)?;
     }
     Ok(())
 }
 
 /// Reads the first and last bytes of the device for a foreign signature.
-fn scan_signature(disk: &LinuxDisk) -> Result<Option<&'static str>, VolumeError> {
+fn scan_signature(disk: &mut impl Device) -> Result<Option<&'static str>, VolumeError> {
     let size = disk.size_bytes();
     let head_len = (metadata::SIGNATURE_HEAD_BYTES as u64).min(size) as usize;
     let tail_len = (metadata::SIGNATURE_TAIL_BYTES as u64).min(size) as usize;
     let mut head = vec![0u8; head_len];
     let mut tail = vec![0u8; tail_len];
-    disk.read_at_sync(0, &mut head).map_err(VolumeError::Io)?;
-    disk.read_at_sync(size - tail_len as u64, &mut tail)
+    disk.read_at(0, &mut head).map_err(VolumeError::Io)?;
+    disk.read_at(size - tail_len as u64, &mut tail)
         .map_err(VolumeError::Io)?;
     Ok(metadata::foreign_signature(&head, &tail, size))
 }
@@ -95,6 +135,15 @@ fn scan_signature(disk: &LinuxDisk) -> Result<Option<&'static str>, VolumeError>
 /// blank device with `volume_id`. `force` initializes over a foreign signature.
 pub fn open(
     disk: &LinuxDisk,
+    volume_id: [u8; 16],
+    node_name: &str,
+) -> Result<OpenVolume, VolumeError> {
+    open_device(&mut &*disk, volume_id, node_name)
+}
+
+/// [`open`] on any [`Device`].
+pub fn open_device(
+    disk: &mut impl Device,
     volume_id: [u8; 16],
     node_name: &str,
 ) -> Result<OpenVolume, VolumeError> {
@@ -107,7 +156,7 @@ pub fn open(
             .map_err(VolumeError::Mismatch)?;
         if needs_repair {
             log::warn!("volume: one superblock copy was damaged or stale; rewriting both");
-            write_superblock(disk, &layout, &superblock).map_err(VolumeError::Io)?;
+            write_superblock_to(disk, &layout, &superblock).map_err(VolumeError::Io)?;
         }
         return Ok(OpenVolume {
             layout,
@@ -129,6 +178,7 @@ pub fn init(
     node_name: &str,
     force: bool,
 ) -> Result<OpenVolume, VolumeError> {
+    let disk = &mut &*disk;
     let layout = Layout::for_backing(disk.size_bytes()).map_err(VolumeError::Layout)?;
     if !force {
         if metadata::choose_superblock(read_superblocks(disk, &layout)).is_some() {
@@ -142,7 +192,7 @@ pub fn init(
 }
 
 fn initialize(
-    disk: &LinuxDisk,
+    disk: &mut impl Device,
     layout: Layout,
     volume_id: [u8; 16],
     node_name: &str,
@@ -152,7 +202,7 @@ fn initialize(
     // A name longer than the field was refused by the config check; truncation cannot happen.
     let _ = superblock.node_name.push_str(node_name);
     superblock.flags |= flags::CLEAN_SHUTDOWN;
-    write_superblock(disk, &layout, &superblock).map_err(VolumeError::Io)?;
+    write_superblock_to(disk, &layout, &superblock).map_err(VolumeError::Io)?;
     Ok(OpenVolume {
         layout,
         superblock,
@@ -170,6 +220,15 @@ pub fn load_replication(
     layout: &Layout,
     superblock: &Superblock,
 ) -> std::io::Result<crate::replication::engine::LoadedState> {
+    load_replication_from(&mut &*disk, layout, superblock)
+}
+
+/// [`load_replication`] on any [`Device`].
+pub fn load_replication_from(
+    disk: &mut impl Device,
+    layout: &Layout,
+    superblock: &Superblock,
+) -> std::io::Result<crate::replication::engine::LoadedState> {
     use crate::replication::activity_log::{self, ActivityLog, AlRecoverError, AL_RECORD_BYTES};
     use crate::replication::dirty_map::{DirtyMap, BITMAP_BLOCK_BYTES};
 
@@ -178,7 +237,7 @@ pub fn load_replication(
     let mut bitmap_whole = true;
     for index in 0..map.block_count() {
         let offset = layout.bitmap_offset + index * BITMAP_BLOCK_BYTES as u64;
-        disk.read_at_sync(offset, &mut block)?;
+        disk.read_at(offset, &mut block)?;
         if map.load_block(index, &block).is_err() {
             bitmap_whole = false;
             break;
@@ -190,7 +249,7 @@ pub fn load_replication(
     }
     let mut records = vec![[0u8; AL_RECORD_BYTES]; metadata::ACTIVITY_LOG_SLOTS as usize];
     for (i, record) in records.iter_mut().enumerate() {
-        disk.read_at_sync(
+        disk.read_at(
             layout.activity_log_offset + i as u64 * AL_RECORD_BYTES as u64,
             record,
         )?;
@@ -228,7 +287,7 @@ pub fn load_replication(
     }
     let blocks: Vec<_> = map.take_changed_blocks().collect();
     for block in blocks {
-        disk.write_at_sync(layout.bitmap_offset + block.offset_in_bitmap, &block.bytes)?;
+        disk.write_at(layout.bitmap_offset + block.offset_in_bitmap, &block.bytes)?;
     }
     Ok(crate::replication::engine::LoadedState {
         layout: *layout,

@@ -457,9 +457,13 @@ impl Simulation {
                     }
                     Output::LinkSend { .. }
                     | Output::LinkClose { .. }
-                    | Output::Metadata { .. } => {
+                    | Output::Metadata { .. }
+                    | Output::ProbeClusterIp
+                    | Output::ClusterIp(_)
+                    | Output::Fence { .. } => {
                         return Err(
-                            "a standalone node used a peer link or mirror metadata".to_string()
+                            "a standalone node used a peer link, mirror metadata or failover"
+                                .to_string(),
                         );
                     }
                 }

@@ -124,6 +124,10 @@ impl PairSim {
                 dead_time_ms: DEAD_TIME_MS,
                 boot_id: seed ^ (i + 100),
                 id_seed: seed ^ (i + 200),
+                cluster_ip: false,
+                gateway_probe: false,
+                failback_preferred: false,
+                mutations: Default::default(),
             };
             let loaded = LoadedState {
                 layout,
@@ -457,7 +461,14 @@ impl PairSim {
                                 }
                             }
                         }
-                        EngineOutput::Serving(_) => {}
+                        EngineOutput::Serving(_)
+                        | EngineOutput::ClusterIp(_)
+                        | EngineOutput::ProbeClusterIp => {}
+                        EngineOutput::Fence { reason } => {
+                            return Err(self.fail(&format!(
+                                "a node fenced without a cluster IP configured: {reason}"
+                            )));
+                        }
                     }
                 }
             }

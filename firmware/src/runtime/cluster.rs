@@ -1,0 +1,415 @@
+//! The node's hold on the LAN: the lan port's carrier, the gateway probe, the cluster IP and its
+//! ARP probes, announcements and defence (DESIGN.md §4 rules 2-5). The engine decides; this
+//! carries out and reports.
+//!
+//! - **Uplink**: healthy while the lan port has carrier and, when `uplink_probe` is set, the
+//!   gateway answered an ARP request within `GATEWAY_SILENCE_MS` (an answer proves this node can
+//!   receive, not only send). A carrier loss is seen at once through a netlink notification.
+//! - **Probe** of the cluster IP: three RFC 5227 probes (sender 0.0.0.0) 100 ms apart, then
+//!   150 ms of waiting; any ARP from another MAC that claims the address, or probes for it,
+//!   means "answered".
+//! - **Announcements**: gratuitous ARP bursts after the address is added, so switches and
+//!   clients learn the new MAC at once.
+//! - **Defence**: while this node holds the address, an ARP from another MAC claiming it is
+//!   reported to the engine.
+
+use crate::config::Config;
+use crate::replication::wire::UplinkHealth;
+use crate::time::Instant;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsFd, BorrowedFd};
+use tandem_board::net::{self, ArpSocket, LinkWatch};
+
+/// Gateway probes go out this often.
+const GATEWAY_PROBE_INTERVAL_MS: u64 = 100;
+/// The gateway is silent after this long without an answer, and only once this many probes
+/// sent since its last answer went unanswered: a node that was itself stalled (nothing sent)
+/// does not blame the gateway for its own silence.
+const GATEWAY_SILENCE_MS: u64 = 500;
+const GATEWAY_UNANSWERED_MIN: u32 = 3;
+/// The probe schedule of a takeover (RFC 5227, shortened as DESIGN.md §4 rule 3 says).
+const PROBE_COUNT: u32 = 3;
+const PROBE_INTERVAL_MS: u64 = 100;
+const PROBE_WAIT_MS: u64 = 150;
+/// When the gratuitous announcements go out, after the address is added.
+const ANNOUNCE_AT_MS: [u64; 5] = [0, 100, 300, 700, 1500];
+
+/// What the LAN told the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ClusterEvent {
+    /// The uplink changed.
+    Uplink(UplinkHealth),
+    /// The probe of the cluster IP ended.
+    ProbeDone { answered: bool },
+    /// Another MAC claims the cluster IP while this node holds it.
+    Conflict,
+}
+
+#[derive(Debug)]
+struct ProbeRun {
+    started: Instant,
+    sent: u32,
+    answered: bool,
+}
+
+/// The lan port, as failover needs it.
+#[derive(Debug)]
+pub(super) struct ClusterNet {
+    ifname: String,
+    ifindex: u32,
+    /// This node's own address on the lan (the sender of gateway probes).
+    local: Ipv4Addr,
+    vip: Option<(Ipv4Addr, u8)>,
+    gateway: Option<Ipv4Addr>,
+    watch: Option<LinkWatch>,
+    arp: Option<ArpSocket>,
+    carrier: bool,
+    gateway_heard: Option<Instant>,
+    /// Gateway probes sent since its last answer.
+    gateway_unanswered: u32,
+    next_gateway_probe: Instant,
+    reported: Option<UplinkHealth>,
+    probe: Option<ProbeRun>,
+    holds_vip: bool,
+    announce_from: Option<Instant>,
+    announced: usize,
+    events: Vec<ClusterEvent>,
+}
+
+impl ClusterNet {
+    /// Finds the lan port (the interface holding `[peer] lan.local`) and opens its carrier
+    /// watch and ARP socket. `None` without a peer, or on loopback (tests on one host): the
+    /// uplink is then "unknown", and without a cluster IP nothing here is needed.
+    pub(super) fn open(config: &Config, now: Instant) -> Option<ClusterNet> {
+        let peer = config.peer.as_ref()?;
+        let IpAddr::V4(local) = peer.lan.local.ip() else {
+            log::warn!("uplink: the lan address is not IPv4; uplink health unknown");
+            return None;
+        };
+        if local.is_loopback() {
+            return None;
+        }
+        let (ifname, ifindex) = match net::interface_for_address(local) {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                log::error!(
+                    "uplink: no interface holds the lan address {local}; uplink health unknown"
+                );
+                return None;
+            }
+            Err(e) => {
+                log::error!("uplink: cannot list interfaces (error={e}); uplink health unknown");
+                return None;
+            }
+        };
+        let watch = LinkWatch::open(ifindex)
+            .inspect_err(|e| log::error!("uplink: cannot watch {ifname}'s carrier (error={e})"))
+            .ok();
+        let carrier = watch
+            .as_ref()
+            .and_then(|w| w.carrier_now().ok())
+            .unwrap_or(false);
+        let vip = config.cluster.vip.as_ref().map(|v| (v.addr, v.prefix_len));
+        let gateway = match config.cluster.uplink_probe {
+            Some(IpAddr::V4(gw)) => Some(gw),
+            _ => None,
+        };
+        let arp = if vip.is_some() || gateway.is_some() {
+            ArpSocket::open(ifindex)
+                .inspect_err(|e| log::error!("uplink: cannot open an ARP socket on {ifname} (error={e}); no takeover is possible"))
+                .ok()
+        } else {
+            None
+        };
+        log::info!(
+            "uplink: watching the lan port (interface={ifname} carrier={carrier} gateway={})",
+            gateway.map_or("none".to_string(), |g| g.to_string())
+        );
+        let mut cluster = ClusterNet {
+            ifname,
+            ifindex,
+            local,
+            vip,
+            gateway,
+            watch,
+            arp,
+            carrier,
+            gateway_heard: None,
+            gateway_unanswered: 0,
+            next_gateway_probe: now,
+            reported: None,
+            probe: None,
+            holds_vip: false,
+            announce_from: None,
+            announced: 0,
+            events: Vec::new(),
+        };
+        cluster.remove_stale_vip();
+        Some(cluster)
+    }
+
+    /// Rule 9: a node that starts holds no cluster IP (a previous life may have left it).
+    fn remove_stale_vip(&mut self) {
+        let Some((addr, prefix)) = self.vip else {
+            return;
+        };
+        match net::remove_address(self.ifindex, addr, prefix) {
+            Ok(true) => log::warn!(
+                "removed a stale cluster IP at start (address={addr} interface={})",
+                self.ifname
+            ),
+            Ok(false) => {}
+            Err(e) => log::error!("cannot remove a stale cluster IP (address={addr} error={e})"),
+        }
+    }
+
+    /// The carrier watch's descriptor (for epoll).
+    pub(super) fn watch_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.watch.as_ref().map(|w| w.as_fd())
+    }
+
+    /// The ARP socket's descriptor (for epoll).
+    pub(super) fn arp_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.arp.as_ref().map(|a| a.as_fd())
+    }
+
+    /// The uplink now.
+    pub(super) fn uplink(&self, now: Instant) -> UplinkHealth {
+        if !self.carrier {
+            return UplinkHealth::Down;
+        }
+        if self.gateway.is_none() {
+            return UplinkHealth::Healthy;
+        }
+        let silent = self.gateway_unanswered >= GATEWAY_UNANSWERED_MIN;
+        match self.gateway_heard {
+            Some(t) if now.millis_since(t) < GATEWAY_SILENCE_MS || !silent => UplinkHealth::Healthy,
+            // Not heard since start: unknown until the first answer or the silence.
+            None if !silent => UplinkHealth::Unknown,
+            _ => UplinkHealth::Down,
+        }
+    }
+
+    /// The next instant `handle_timeout` has something to do.
+    pub(super) fn poll_timeout(&self) -> Option<Instant> {
+        let gateway = self.gateway.map(|_| self.next_gateway_probe);
+        let probe = self.probe.as_ref().map(|p| {
+            if p.sent < PROBE_COUNT {
+                p.started.plus_millis(u64::from(p.sent) * PROBE_INTERVAL_MS)
+            } else {
+                p.started
+                    .plus_millis(u64::from(PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS)
+            }
+        });
+        let announce = self.announce_from.and_then(|from| {
+            ANNOUNCE_AT_MS
+                .get(self.announced)
+                .map(|&at| from.plus_millis(at))
+        });
+        let silence = self
+            .gateway_heard
+            .map(|t| t.plus_millis(GATEWAY_SILENCE_MS));
+        [gateway, probe, announce, silence]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The events for the engine since the last call.
+    pub(super) fn take_events(&mut self) -> Vec<ClusterEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Time passed: probes and announcements go out, a probe ends, the uplink is re-judged.
+    pub(super) fn handle_timeout(&mut self, now: Instant) {
+        if let (Some(gateway), Some(arp)) = (self.gateway, self.arp.as_ref()) {
+            if now >= self.next_gateway_probe {
+                if let Err(e) = arp.send_request(self.local, gateway) {
+                    log::debug!("uplink: gateway probe not sent (error={e})");
+                }
+                self.gateway_unanswered = self.gateway_unanswered.saturating_add(1);
+                self.next_gateway_probe = now.plus_millis(GATEWAY_PROBE_INTERVAL_MS);
+            }
+        }
+        self.step_probe(now);
+        self.step_announce(now);
+        self.report_uplink(now);
+    }
+
+    fn step_probe(&mut self, now: Instant) {
+        let Some(probe) = self.probe.as_mut() else {
+            return;
+        };
+        let Some((vip, _)) = self.vip else {
+            self.probe = None;
+            self.events.push(ClusterEvent::ProbeDone { answered: true });
+            return;
+        };
+        while probe.sent < PROBE_COUNT
+            && now
+                >= probe
+                    .started
+                    .plus_millis(u64::from(probe.sent) * PROBE_INTERVAL_MS)
+        {
+            if let Some(arp) = self.arp.as_ref() {
+                if let Err(e) = arp.send_probe(vip) {
+                    log::warn!("cluster IP: probe not sent (error={e})");
+                }
+            }
+            probe.sent += 1;
+        }
+        let end = probe
+            .started
+            .plus_millis(u64::from(PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS);
+        if probe.sent == PROBE_COUNT && now >= end {
+            let answered = probe.answered;
+            self.probe = None;
+            log::info!("cluster IP probe done (address={vip} answered={answered})");
+            self.events.push(ClusterEvent::ProbeDone { answered });
+        }
+    }
+
+    fn step_announce(&mut self, now: Instant) {
+        let (Some(from), Some((vip, _))) = (self.announce_from, self.vip) else {
+            return;
+        };
+        while let Some(&at) = ANNOUNCE_AT_MS.get(self.announced) {
+            if now < from.plus_millis(at) {
+                return;
+            }
+            if let Some(arp) = self.arp.as_ref() {
+                if let Err(e) = arp.send_announcement(vip) {
+                    log::warn!("cluster IP: announcement not sent (error={e})");
+                }
+            }
+            self.announced += 1;
+        }
+        self.announce_from = None;
+    }
+
+    fn report_uplink(&mut self, now: Instant) {
+        let uplink = self.uplink(now);
+        if self.reported != Some(uplink) {
+            self.reported = Some(uplink);
+            self.events.push(ClusterEvent::Uplink(uplink));
+        }
+    }
+
+    /// The carrier watch is readable.
+    pub(super) fn handle_watch(&mut self, now: Instant) {
+        if let Some(carrier) = self.watch.as_mut().and_then(|w| w.drain()) {
+            if carrier != self.carrier {
+                log::warn!(
+                    "lan port carrier changed (interface={} carrier={carrier})",
+                    self.ifname
+                );
+                self.carrier = carrier;
+            }
+        }
+        self.report_uplink(now);
+    }
+
+    /// The ARP socket is readable.
+    pub(super) fn handle_arp(&mut self, now: Instant) {
+        let Some(arp) = self.arp.as_mut() else {
+            return;
+        };
+        let own_mac = arp.mac();
+        loop {
+            let packet = match arp.recv() {
+                Ok(Some(packet)) => packet,
+                Ok(None) => break,
+                Err(e) => {
+                    log::debug!("uplink: ARP receive failed (error={e})");
+                    break;
+                }
+            };
+            if packet.sender_mac == own_mac {
+                continue;
+            }
+            if Some(packet.sender_ip) == self.gateway {
+                self.gateway_heard = Some(now);
+                self.gateway_unanswered = 0;
+            }
+            let Some((vip, _)) = self.vip else {
+                continue;
+            };
+            // Someone uses the address, or probes for it at the same time as this node.
+            let claims = packet.sender_ip == vip
+                || (packet.sender_ip.is_unspecified() && packet.target_ip == vip);
+            if !claims {
+                continue;
+            }
+            if let Some(probe) = self.probe.as_mut() {
+                probe.answered = true;
+            }
+            if self.holds_vip && packet.sender_ip == vip {
+                log::warn!(
+                    "cluster IP claimed by another MAC (address={vip} mac={})",
+                    mac_text(&packet.sender_mac)
+                );
+                self.events.push(ClusterEvent::Conflict);
+            }
+        }
+        self.report_uplink(now);
+    }
+
+    /// Starts a probe of the cluster IP.
+    pub(super) fn start_probe(&mut self, now: Instant) {
+        if self.arp.is_none() {
+            // Nothing proves the address is free: report it held (no takeover).
+            self.events.push(ClusterEvent::ProbeDone { answered: true });
+            return;
+        }
+        self.probe = Some(ProbeRun {
+            started: now,
+            sent: 0,
+            answered: false,
+        });
+        self.step_probe(now);
+    }
+
+    /// Adds the cluster IP (again: only announces it again) and starts the announcements.
+    pub(super) fn add_vip(&mut self, now: Instant) {
+        let Some((addr, prefix)) = self.vip else {
+            return;
+        };
+        if !self.holds_vip {
+            match net::add_address(self.ifindex, addr, prefix) {
+                Ok(()) => log::warn!(
+                    "cluster IP added (address={addr}/{prefix} interface={})",
+                    self.ifname
+                ),
+                Err(e) => log::error!("cannot add the cluster IP (address={addr} error={e})"),
+            }
+            self.holds_vip = true;
+        }
+        self.announce_from = Some(now);
+        self.announced = 0;
+        self.step_announce(now);
+    }
+
+    /// Drops the cluster IP.
+    pub(super) fn remove_vip(&mut self) {
+        let Some((addr, prefix)) = self.vip else {
+            return;
+        };
+        self.holds_vip = false;
+        self.announce_from = None;
+        match net::remove_address(self.ifindex, addr, prefix) {
+            Ok(true) => log::warn!(
+                "cluster IP dropped (address={addr} interface={})",
+                self.ifname
+            ),
+            Ok(false) => {}
+            Err(e) => log::error!("cannot drop the cluster IP (address={addr} error={e})"),
+        }
+    }
+}
+
+fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
