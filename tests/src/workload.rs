@@ -62,11 +62,13 @@ impl Record {
         pauses.iter().map(|p| p.1).max().unwrap_or_default()
     }
 
-    /// How long after `since` the next acknowledgement came: the client-visible pause of
-    /// whatever happened at `since`.
-    pub fn pause_after(&self, since: Instant) -> Option<Duration> {
+    /// The client-visible pause of something that was over at `at`: from the last
+    /// acknowledgement before `at` to the first one after it.
+    pub fn pause_around(&self, at: Instant) -> Option<Duration> {
         let times = self.ack_times.lock().expect("ack times");
-        times.iter().find(|&&t| t > since).map(|&t| t - since)
+        let after = times.iter().position(|&t| t > at)?;
+        let before = after.checked_sub(1).map_or(at, |i| times[i]);
+        Some(times[after] - before)
     }
 }
 

@@ -63,13 +63,13 @@ fn the_primary_loses_power_mid_copy_three_times_and_no_acknowledged_write_is_los
         };
         let mut cut_at = None;
         let record = with_workload(&lab, work, work.blocks / 4, |_| {
-            cut_at = Some(Instant::now());
             lab.power_cut(boards[primary], nodes[primary].as_mut().expect("primary"));
+            cut_at = Some(Instant::now());
         });
         let cut_at = cut_at.expect("cut");
         let paused = record
-            .pause_after(cut_at)
-            .expect("the client paused at the cut");
+            .pause_around(cut_at)
+            .expect("the client wrote after the cut");
         failovers.push(paused);
         let new_primary = nodes[survivor].as_ref().expect("survivor");
         let status = pair::wait_status(new_primary, "the survivor serves", WAIT, is("primary"));

@@ -27,8 +27,9 @@ fn wait_ready(node: &Node) {
     });
 }
 
-/// Runs a client while `event` happens once it has written for a while; returns how long after
-/// the event the next write was acknowledged, and checks every block afterwards.
+/// Runs a client while `event` happens once it has written for a while; returns the pause the
+/// client saw around it (last acknowledgement before its end to the first after), and checks
+/// every block afterwards.
 fn pause_of(lab: &Lab, seed: u64, event: impl FnOnce()) -> Duration {
     let work = Workload {
         blocks: 4000,
@@ -45,8 +46,8 @@ fn pause_of(lab: &Lab, seed: u64, event: impl FnOnce()) -> Duration {
         while record.acked.load(Ordering::Relaxed) < 300 {
             std::thread::sleep(Duration::from_millis(2));
         }
-        at = Some(Instant::now());
         event();
+        at = Some(Instant::now());
         let deadline = Instant::now() + Duration::from_secs(60);
         while !writer.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
@@ -57,7 +58,7 @@ fn pause_of(lab: &Lab, seed: u64, event: impl FnOnce()) -> Duration {
     let bad = lab.in_client(|| check_all(addr, work));
     assert!(bad.is_empty(), "blocks lost: {bad:?}");
     record
-        .pause_after(at.expect("event"))
+        .pause_around(at.expect("event"))
         .expect("a write after the event")
 }
 
