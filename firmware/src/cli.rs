@@ -221,6 +221,24 @@ fn check_config(mut parser: lexopt::Parser) -> Result<u8, Failure> {
     println!("{}: valid", path.display());
     if config.is_standalone() {
         println!("standalone node: no mirroring, no failover");
+    } else {
+        let missing: Vec<&str> = [
+            ("vip", config.cluster.vip.is_none()),
+            ("uplink_probe", config.cluster.uplink_probe.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(key, absent)| absent.then_some(key))
+        .collect();
+        if missing.is_empty() {
+            println!("automatic failover: on");
+        } else {
+            println!(
+                "automatic failover: off: [cluster] {} not set; nothing would prove a lost peer \
+                 stopped serving (DESIGN.md §4 rule 5); the pair mirrors, switches over on \
+                 command and takes 'promote --force'",
+                missing.join(" and ")
+            );
+        }
     }
     Ok(exit::OK)
 }

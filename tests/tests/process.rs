@@ -506,3 +506,37 @@ fn a_watchdog_that_cannot_be_armed_refuses_the_start() {
         "a refused node left its control socket behind"
     );
 }
+
+#[test]
+fn check_config_says_whether_automatic_failover_is_on_and_why_not() {
+    use tandem_tests::pair::{self, Ports};
+    let dir = TempDir::new("check-failover");
+    let key = dir.join("cluster.key");
+    pair::write_key(&key, 7);
+    let ports = Ports::free();
+    let cases = [
+        (
+            "preferred = \"nas-a\"",
+            "automatic failover: off: [cluster] vip and uplink_probe not set",
+        ),
+        (
+            "vip = \"192.168.131.230/24\"",
+            "automatic failover: off: [cluster] uplink_probe not set",
+        ),
+        (
+            "vip = \"192.168.131.230/24\"\nuplink_probe = \"192.168.131.1\"",
+            "automatic failover: on",
+        ),
+    ];
+    for (cluster, expected) in cases {
+        let config = pair::config(dir.path(), "a", "b", &ports, &key, None, cluster);
+        let path = config.write();
+        let out = tandem(&["check-config", path.to_str().expect("utf-8 path")]);
+        out.assert_success("check-config");
+        assert!(
+            out.stdout.contains(expected),
+            "[cluster] {cluster}: expected '{expected}' in:\n{}",
+            out.stdout
+        );
+    }
+}

@@ -918,6 +918,56 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_beat_goes_out_at_once_and_arrives_with_the_senders_clock() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
+        let (_, cb) = connect(&mut a, &mut b, LinkKind::Lan, Instant::from_millis(1000));
+        while b.poll_event().is_some() {}
+        a.set_beat(b"state one");
+        assert_eq!(
+            a.poll_timeout(),
+            Some(Instant::from_millis(0)),
+            "due at once"
+        );
+        a.handle_timeout(Instant::from_millis(1010));
+        pump(&mut a, &mut b, cb, Instant::from_millis(1012));
+        let beats: Vec<(u64, Vec<u8>)> = std::iter::from_fn(|| b.poll_event())
+            .filter_map(|e| match e {
+                LinkEvent::Beat { sent_ms, body, .. } => Some((sent_ms, body)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(beats, vec![(1010, b"state one".to_vec())]);
+        // Setting the same state again sends nothing early.
+        a.set_beat(b"state one");
+        assert_ne!(a.poll_timeout(), Some(Instant::from_millis(0)));
+    }
+
+    #[test]
+    fn the_lease_is_the_peers_echo_of_this_clock_and_silence_makes_the_peer_half() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
+        let (ca, cb) = connect(&mut a, &mut b, LinkKind::Lan, Instant::from_millis(1000));
+        assert_eq!(a.lease_echo(), None, "no echo before a round trip");
+        a.handle_timeout(Instant::from_millis(1100));
+        pump(&mut a, &mut b, cb, Instant::from_millis(1105));
+        b.handle_timeout(Instant::from_millis(1120));
+        pump(&mut b, &mut a, ca, Instant::from_millis(1125));
+        assert_eq!(a.lease_echo(), Some(Instant::from_millis(1100)));
+        assert!(!a.is_half(Instant::from_millis(1130)));
+        // From here on b hears nothing of a, while a keeps hearing b: a's lease stays where it
+        // was, and after the dead time a sees its peer as half.
+        for t in (1200..2200).step_by(100) {
+            a.handle_timeout(Instant::from_millis(t));
+            while a.poll_output().is_some() {}
+            b.handle_timeout(Instant::from_millis(t + 20));
+            pump(&mut b, &mut a, ca, Instant::from_millis(t + 25));
+        }
+        assert_eq!(a.lease_echo(), Some(Instant::from_millis(1100)));
+        assert!(a.is_half(Instant::from_millis(2130)));
+    }
+
+    #[test]
     fn a_forged_frame_ends_the_session() {
         let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
         let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
