@@ -177,6 +177,18 @@ fn the_heartbeat_cable_pulled_moves_nothing_and_writes_reach_both_disks_over_the
     });
     assert_eq!(status["role"], "primary");
     assert_eq!(status["ready_for_failover"], true, "{status:#}");
+    // `links` shows the pulled cable as a port without carrier.
+    let out = a.ctl(&["--json", "links"]);
+    out.assert_success("links");
+    let links: serde_json::Value = serde_json::from_str(&out.stdout).expect("links JSON");
+    let carrier = |name: &str| {
+        links
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["link"] == name))
+            .map(|x| x["carrier"].clone())
+    };
+    assert_eq!(carrier("heartbeat"), Some("off".into()), "{links:#}");
+    assert_eq!(carrier("lan"), Some("on".into()), "{links:#}");
     assert!(
         status["warnings"].to_string().contains("heartbeat"),
         "{status:#}"

@@ -341,6 +341,14 @@ impl ClusterNet {
                 continue;
             }
             if let Some(probe) = self.probe.as_mut() {
+                if !probe.answered {
+                    log::warn!(
+                        "cluster IP probe answered (address={vip} by_mac={} sender={} op={})",
+                        mac_text(&packet.sender_mac),
+                        packet.sender_ip,
+                        packet.op
+                    );
+                }
                 probe.answered = true;
             }
             if self.holds_vip && packet.sender_ip == vip {
@@ -361,6 +369,9 @@ impl ClusterNet {
             self.events.push(ClusterEvent::ProbeDone { answered: true });
             return;
         }
+        // Whatever waits in the socket arrived before this probe (a node that was stopped finds
+        // its peer's own takeover probes there): taken now, it answers nothing.
+        self.handle_arp(now);
         self.probe = Some(ProbeRun {
             started: now,
             sent: 0,
@@ -404,6 +415,27 @@ impl ClusterNet {
             Ok(false) => {}
             Err(e) => log::error!("cannot drop the cluster IP (address={addr} error={e})"),
         }
+    }
+}
+
+/// The carrier of the interface holding `ip` now, for `links`: "on", "off", or "unknown"
+/// (loopback, or the address is on no interface).
+pub(super) fn carrier_word(ip: IpAddr) -> &'static str {
+    let IpAddr::V4(ip) = ip else {
+        return "unknown";
+    };
+    if ip.is_loopback() {
+        return "unknown";
+    }
+    let carrier = net::interface_for_address(ip)
+        .ok()
+        .flatten()
+        .and_then(|(_, index)| LinkWatch::open(index).ok())
+        .and_then(|watch| watch.carrier_now().ok());
+    match carrier {
+        Some(true) => "on",
+        Some(false) => "off",
+        None => "unknown",
     }
 }
 

@@ -1525,7 +1525,7 @@ impl Runtime {
                         "local": addrs.local.to_string(),
                         "remote": addrs.remote.to_string(),
                         "state": info.map_or("down", |i| i.state.name()),
-                        "carrier": "unknown",
+                        "carrier": cluster::carrier_word(addrs.local.ip()),
                         "last_frame_ms": info.and_then(|i| i.last_frame_age_ms),
                         "rtt_ms": info.and_then(|i| i.rtt_ms),
                     })
@@ -1546,8 +1546,10 @@ impl Runtime {
                 .and_then(|i| i.rtt_ms)
                 .map_or("-".to_string(), |ms| format!("{ms} ms"));
             text.push_str(&format!(
-                "{name:9} {state:10} {} -> {}  last frame: {last}  rtt: {rtt}  carrier: unknown\n",
-                addrs.local, addrs.remote
+                "{name:9} {state:10} {} -> {}  last frame: {last}  rtt: {rtt}  carrier: {}\n",
+                addrs.local,
+                addrs.remote,
+                cluster::carrier_word(addrs.local.ip())
             ));
         }
         text.pop();
