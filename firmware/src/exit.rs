@@ -16,3 +16,5 @@ pub const CANT_CREATE: u8 = 73;
 pub const FENCED: u8 = 75;
 /// Bad configuration.
 pub const CONFIG: u8 = 78;
+/// Stopped by Ctrl-C or SIGTERM before it finished (`tandem demo`; 128 + SIGINT, as shells do).
+pub const INTERRUPTED: u8 = 130;

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod constants;
+pub mod demo;
 pub mod exit;
 pub mod logger;
 pub mod metadata;

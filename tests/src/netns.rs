@@ -640,24 +640,12 @@ impl Drop for Lab {
 
 /// Moves the calling thread into the network namespace behind `handle` (a file of
 /// /var/run/netns).
-///
-/// `setns(2)` is declared here because the workspace's rustix lacks its `thread` feature
-/// (`rustix::thread::move_into_link_name_space`) and this crate does not depend on libc.
-#[allow(unsafe_code)]
 fn enter_net_namespace(handle: &fs::File) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    extern "C" {
-        fn setns(fd: i32, nstype: i32) -> i32;
-    }
-    const CLONE_NEWNET: i32 = 0x4000_0000;
-    // SAFETY: setns(2) reads no memory of ours; the fd is open for the whole call (borrowed from
-    // `handle`), and switching a thread's network namespace breaks no invariant of std.
-    let rc = unsafe { setns(handle.as_raw_fd(), CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(handle),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .map_err(io::Error::from)
 }
 
 #[cfg(test)]
