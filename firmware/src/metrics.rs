@@ -103,6 +103,13 @@ pub fn render(status: &Status) -> String {
         "Each link to the peer (1 for the state in the label).",
         &[(&links[0], 1.0), (&links[1], 1.0)],
     );
+    let uplink = format!("state=\"{}\"", status.uplink);
+    out.metric(
+        "uplink_state",
+        "gauge",
+        "The lan port's carrier and gateway probe (1 for the state in the label).",
+        &[(&uplink, 1.0)],
+    );
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
     out.metric(
         "auto_failover",

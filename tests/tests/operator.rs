@@ -67,6 +67,7 @@ fn metrics_are_served_in_prometheus_text_format_and_count_io() {
     assert_eq!(before["tandem_role{role=standalone}"], 1.0);
     assert_eq!(before["tandem_disk_state{state=uptodate}"], 1.0);
     assert_eq!(before["tandem_peer_state{state=none}"], 1.0);
+    assert_eq!(before["tandem_uplink_state{state=unknown}"], 1.0);
     assert_eq!(
         before["tandem_volume_bytes{}"].as_f64(),
         Some(node.volume_bytes() as f64)
