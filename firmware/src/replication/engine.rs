@@ -1737,8 +1737,8 @@ impl Mirror {
 
     /// Finishes a client request whose local and peer parts are both done.
     fn try_finish(&mut self, tag: u64) {
-        if self.freeze_until.is_some() || self.fo.defending {
-            return; // held: nothing is acknowledged while degrading or defending
+        if self.freeze_until.is_some() {
+            return; // held: nothing is acknowledged while degrading
         }
         let Some(req) = self.reqs.get(&tag) else {
             return;

@@ -31,8 +31,12 @@ const GATEWAY_UNANSWERED_MIN: u32 = 3;
 const PROBE_COUNT: u32 = 3;
 const PROBE_INTERVAL_MS: u64 = 100;
 const PROBE_WAIT_MS: u64 = 150;
+/// A probe step later than this (this node was stalled) restarts the probe.
+const PROBE_OVERRUN_MS: u64 = 200;
 /// When the gratuitous announcements go out, after the address is added.
 const ANNOUNCE_AT_MS: [u64; 5] = [0, 100, 300, 700, 1500];
+/// An announcement later than this is dropped with the rest of its burst.
+const ANNOUNCE_LATE_MS: u64 = 500;
 
 /// What the LAN told the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +244,22 @@ impl ClusterNet {
         let Some(probe) = self.probe.as_mut() else {
             return;
         };
+        // A probe overrun by a stall of this board proves nothing: its probes would all go out
+        // at once and the answers could not be back yet. It starts again.
+        let due = if probe.sent < PROBE_COUNT {
+            probe
+                .started
+                .plus_millis(u64::from(probe.sent) * PROBE_INTERVAL_MS)
+        } else {
+            probe
+                .started
+                .plus_millis(u64::from(PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS)
+        };
+        if now.millis_since(due) > PROBE_OVERRUN_MS {
+            log::warn!("cluster IP probe overrun by a stall of this node; probing again");
+            probe.started = now;
+            probe.sent = 0;
+        }
         let Some((vip, _)) = self.vip else {
             self.probe = None;
             self.events.push(ClusterEvent::ProbeDone { answered: true });
@@ -276,6 +296,11 @@ impl ClusterNet {
         while let Some(&at) = ANNOUNCE_AT_MS.get(self.announced) {
             if now < from.plus_millis(at) {
                 return;
+            }
+            if now.millis_since(from.plus_millis(at)) > ANNOUNCE_LATE_MS {
+                // This node was stalled: what it would announce now may no longer be true (the
+                // peer may hold the address). The engine decides again; nothing stale goes out.
+                break;
             }
             if let Some(arp) = self.arp.as_ref() {
                 if let Err(e) = arp.send_announcement(vip) {
@@ -334,10 +359,10 @@ impl ClusterNet {
             let Some((vip, _)) = self.vip else {
                 continue;
             };
-            // Someone uses the address, or probes for it at the same time as this node.
-            let claims = packet.sender_ip == vip
-                || (packet.sender_ip.is_unspecified() && packet.target_ip == vip);
-            if !claims {
+            // Someone uses the address. A probe from 0.0.0.0 is another node asking, not holding
+            // it: the peer probing for a takeover while this primary degrades must not make it
+            // step down (the kernel of whichever node holds the address answers both).
+            if packet.sender_ip != vip {
                 continue;
             }
             if let Some(probe) = self.probe.as_mut() {

@@ -36,9 +36,6 @@ pub(super) enum Probe {
     /// A degrading primary checks, at the end of its wait, that nobody took the address over
     /// while it was not looking (a stall of the whole board) (rule 2).
     Degrade,
-    /// A primary without its peer heard another MAC claim the address: frozen until the probe
-    /// says whether someone holds it.
-    Defend,
 }
 
 /// Why a failover could not happen now, as bits (cheap to compute on every input; the words
@@ -74,8 +71,6 @@ pub(super) struct Failover {
     pub(super) degrade_probe_at: Option<Instant>,
     /// The degrade probe found the address free.
     pub(super) degrade_probed: bool,
-    /// Frozen while a `Defend` probe runs.
-    pub(super) defending: bool,
     pub(super) holds_ip: bool,
     pub(super) fenced: bool,
     /// Client replies held because the lease had lapsed.
@@ -336,21 +331,6 @@ impl Mirror {
                     }
                 }
             }
-            Some(Probe::Defend) => {
-                self.fo.defending = false;
-                if answered && self.role == Role::Primary {
-                    log::error!(
-                        "another host holds the cluster IP and the peer is lost: demoting (rule 2)"
-                    );
-                    self.demote_abandoning();
-                } else {
-                    log::warn!("cluster IP conflict: nobody answered the probe; keeping the address and announcing it again");
-                    if self.fo.holds_ip {
-                        self.outputs.push_back(EngineOutput::ClusterIp(true));
-                    }
-                    self.release_held();
-                }
-            }
             None => {}
         }
         self.pump();
@@ -367,15 +347,12 @@ impl Mirror {
                 "another host claims the cluster IP while this primary degrades: demoting (rule 2)"
             );
             self.demote_abandoning();
-        } else if !self.links.is_connected() {
-            if self.fo.probe.is_none() {
-                log::error!("another host claims the cluster IP and the peer is lost: freezing writes and probing");
-                self.fo.defending = true;
-                self.fo.probe = Some(Probe::Defend);
-                self.outputs.push_back(EngineOutput::ProbeClusterIp);
-            }
         } else {
-            log::warn!("another host claims the cluster IP; the peer is connected and secondary: announcing it again");
+            // A primary that serves (mirroring, or alone after a finished degrade procedure)
+            // holds the address rightfully: a peer cannot have taken over since (it was either
+            // connected, or outdated when the degrade ended). The claimer is stale, such as a
+            // former primary waking from a stall, which demotes itself on its own probe.
+            log::warn!("another host claims the cluster IP; this primary holds it rightfully and announces it again");
             self.outputs.push_back(EngineOutput::ClusterIp(true));
         }
         self.pump();
@@ -400,6 +377,15 @@ impl Mirror {
         let before = self.fo.peer_beat.replace(beat);
         if before.map(|b| b.uplink) != Some(beat.uplink) && before.is_some() {
             log::info!("peer uplink changed (to={})", beat.uplink.name());
+        }
+        if self.role == Role::Primary && self.freeze_until.is_some() && beat.epoch > self.sb.epoch {
+            // Rule 2: a larger epoch means the peer took over while this node waited.
+            log::error!(
+                "the peer has a larger epoch while this primary degrades: demoting (peer_epoch={} epoch={})",
+                beat.epoch,
+                self.sb.epoch
+            );
+            self.demote_abandoning();
         }
         if beat.epoch > self.sb.epoch && self.role != Role::Primary {
             self.sb.epoch = beat.epoch;
@@ -639,7 +625,6 @@ impl Mirror {
     /// nothing this node held may be acknowledged (rule 2).
     pub(super) fn demote_abandoning(&mut self) {
         self.freeze_until = None;
-        self.fo.defending = false;
         self.fo.degrade_probe_at = None;
         self.demote();
         self.abandon_client_requests();

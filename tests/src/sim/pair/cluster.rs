@@ -1,0 +1,202 @@
+//! A board's hold on the LAN, as its runtime keeps it (`runtime/cluster.rs`, redone on virtual
+//! time and stepped only while the daemon runs): the uplink (the lan port's carrier and the
+//! gateway probe), the probe of the cluster IP (three probes 100 ms apart, 150 ms of waiting,
+//! answered by a kernel that holds the address or by another board probing at once), and the
+//! gratuitous announcements after the address is added (which move the clients' ARP caches and
+//! tell a board that also holds the address about the conflict).
+
+use tandem::replication::wire::UplinkHealth;
+
+use super::board::Input;
+use super::lan::Host;
+use super::{Event, Outcome, PairSim};
+
+/// Gateway probes go out this often, and the gateway is silent after this long without an
+/// answer (`runtime/cluster.rs`).
+const GATEWAY_PROBE_INTERVAL_MS: u64 = 100;
+const GATEWAY_SILENCE_MS: u64 = 500;
+/// The cluster IP probe: 3 probes 100 ms apart, then 150 ms of waiting.
+const PROBE_COUNT: u64 = 3;
+const PROBE_INTERVAL_MS: u64 = 100;
+const PROBE_WAIT_MS: u64 = 150;
+/// Gratuitous ARP announcements after the address is added.
+const ANNOUNCE_AT_MS: [u64; 5] = [0, 100, 300, 700, 1500];
+/// As the runtime: an announcement later than this is dropped with the rest of its burst.
+const ANNOUNCE_LATE_MS: u64 = 500;
+/// As the runtime: a probe step later than this restarts the probe.
+const PROBE_OVERRUN_MS: u64 = 200;
+
+/// A probe of the cluster IP under way.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ProbeRun {
+    pub(super) started: u64,
+    pub(super) sent: u64,
+    pub(super) answered: bool,
+}
+
+/// The daemon's side of the LAN, as `runtime/cluster.rs` keeps it.
+#[derive(Debug, Default)]
+pub(super) struct BoardNet {
+    pub(super) gateway_heard: Option<u64>,
+    pub(super) next_gateway_probe: u64,
+    pub(super) reported: Option<UplinkHealth>,
+    pub(super) probe: Option<ProbeRun>,
+    pub(super) holds_vip: bool,
+    pub(super) announce_from: Option<u64>,
+    pub(super) announced: usize,
+}
+
+impl BoardNet {
+    /// The uplink, judged as `ClusterNet::uplink` does.
+    pub(super) fn uplink(&self, carrier: bool, gateway_probe: bool, now: u64) -> UplinkHealth {
+        if !carrier {
+            return UplinkHealth::Down;
+        }
+        if !gateway_probe {
+            return UplinkHealth::Healthy;
+        }
+        match self.gateway_heard {
+            Some(t) if now - t < GATEWAY_SILENCE_MS => UplinkHealth::Healthy,
+            None if self.reported.is_none() => UplinkHealth::Unknown,
+            _ => UplinkHealth::Down,
+        }
+    }
+
+    /// The next instant something is due.
+    pub(super) fn poll_timeout(&self, gateway_probe: bool) -> Option<u64> {
+        let gateway = gateway_probe.then_some(self.next_gateway_probe);
+        let probe = self.probe.map(|p| {
+            if p.sent < PROBE_COUNT {
+                p.started + p.sent * PROBE_INTERVAL_MS
+            } else {
+                p.started + (PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS
+            }
+        });
+        let announce = self
+            .announce_from
+            .and_then(|from| ANNOUNCE_AT_MS.get(self.announced).map(|at| from + at));
+        let silence = self.gateway_heard.map(|t| t + GATEWAY_SILENCE_MS);
+        [gateway, probe, announce, silence]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    pub(super) fn gateway_due(&mut self, now: u64) -> bool {
+        if now < self.next_gateway_probe {
+            return false;
+        }
+        self.next_gateway_probe = now + GATEWAY_PROBE_INTERVAL_MS;
+        true
+    }
+}
+
+impl PairSim {
+    /// The runtime's lan port: gateway probes, the cluster IP probe and announcements, the
+    /// uplink as the engine hears it.
+    pub(super) fn net_turn(&mut self, i: usize) -> Outcome<()> {
+        let now = self.now;
+        let gateway_probe = self.options.gateway_probe;
+        if gateway_probe
+            && self.boards[i].net.gateway_due(now)
+            && self.lan.lan_both_ways(Host::Board(i), Host::Gateway)
+        {
+            self.boards[i].net.gateway_heard = Some(now);
+        }
+        self.probe_step(i)?;
+        self.announce_step(i);
+        let carrier = self.lan.lan_cable[i];
+        let uplink = self.boards[i].net.uplink(carrier, gateway_probe, now);
+        if self.boards[i].net.reported != Some(uplink) && self.boards[i].running() {
+            self.boards[i].net.reported = Some(uplink);
+            self.event(Some(i), Event::Note(format!("uplink {}", uplink.name())));
+            self.engine(i, |m, now| m.set_uplink(uplink, now))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn probe_step(&mut self, i: usize) -> Outcome<()> {
+        let Some(mut probe) = self.boards[i].net.probe else {
+            return Ok(());
+        };
+        let now = self.now;
+        // As the runtime: a probe that this board's own stall overran starts again.
+        let due = if probe.sent < PROBE_COUNT {
+            probe.started + probe.sent * PROBE_INTERVAL_MS
+        } else {
+            probe.started + (PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS
+        };
+        if now > due + PROBE_OVERRUN_MS {
+            probe.started = now;
+            probe.sent = 0;
+        }
+        while probe.sent < PROBE_COUNT && now >= probe.started + probe.sent * PROBE_INTERVAL_MS {
+            // A probe goes out (sender 0.0.0.0): a kernel holding the address answers it, and
+            // a daemon probing at the same time sees it.
+            let j = 1 - i;
+            if self.lan.lan_path(Host::Board(i), Host::Board(j)) && self.boards[j].daemon_alive() {
+                let claim = Input::Arp {
+                    announce: false,
+                    sent_at: now,
+                };
+                self.boards[j].push_input(now + 1, claim);
+            }
+            if self.arp_answers(i) {
+                probe.answered = true;
+            }
+            probe.sent += 1;
+        }
+        self.boards[i].net.probe = Some(probe);
+        let end = probe.started + (PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS;
+        if probe.sent == PROBE_COUNT && now >= end {
+            self.boards[i].net.probe = None;
+            let answered = probe.answered;
+            self.event(Some(i), Event::ProbeDone { answered });
+            self.engine(i, |m, now| m.handle_cluster_ip_probe(answered, now))?;
+        }
+        Ok(())
+    }
+
+    /// Another board answers a probe of board `i` for the cluster IP: its kernel holds the
+    /// address and runs, and the LAN carries both ways; or its daemon probes too.
+    fn arp_answers(&self, i: usize) -> bool {
+        let j = 1 - i;
+        let both_ways = self.lan.lan_both_ways(Host::Board(i), Host::Board(j));
+        self.lan.holders[j] && self.boards[j].kernel_up() && both_ways
+    }
+
+    pub(super) fn announce_step(&mut self, i: usize) {
+        let Some(from) = self.boards[i].net.announce_from else {
+            return;
+        };
+        let now = self.now;
+        while let Some(&at) = ANNOUNCE_AT_MS.get(self.boards[i].net.announced) {
+            if now < from + at {
+                return;
+            }
+            if now - (from + at) > ANNOUNCE_LATE_MS {
+                // As the runtime: a burst that fell due during a stall is dropped.
+                self.boards[i].net.announce_from = None;
+                return;
+            }
+            // Gratuitous ARP: the clients' caches follow it, another holder sees a conflict.
+            let j = 1 - i;
+            if self.lan.lan_path(Host::Board(i), Host::Board(j)) && self.boards[j].daemon_alive() {
+                let claim = Input::Arp {
+                    announce: true,
+                    sent_at: now,
+                };
+                self.boards[j].push_input(now + 1, claim);
+            }
+            if self.lan.lan_path(Host::Board(i), Host::Client) {
+                self.lan.arp_cache = Some(i);
+                self.lan.last_announce[i] = Some(now);
+                // What the clients send from now on reaches this board, whose kernel resets
+                // connections it does not know; what the old holder already took, it keeps.
+                self.reset_clients_of_other(i);
+            }
+            self.boards[i].net.announced += 1;
+        }
+        self.boards[i].net.announce_from = None;
+    }
+}
