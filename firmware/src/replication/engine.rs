@@ -1319,9 +1319,10 @@ impl Mirror {
                 }
                 self.map.clear_all();
                 self.persist_bitmap();
-                if !matches!(decision.sync, SyncDecision::InSync) {
-                    self.set_disk(DiskFreshness::Inconsistent);
-                }
+                // Inconsistent until the resync ends, also when only the regions of a crashed
+                // primary's activity log are copied: should the source crash mid-way, this
+                // copy must never become the source of the next pairing.
+                self.set_disk(DiskFreshness::Inconsistent);
                 self.syncing = true;
                 log::info!("resync starting as target");
             }
