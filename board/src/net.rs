@@ -243,11 +243,6 @@ impl LinkWatch {
         Ok(watch)
     }
 
-    /// The watched interface.
-    pub fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-
     /// Asks the kernel for the interface's carrier now (RTM_GETLINK).
     pub fn carrier_now(&self) -> io::Result<bool> {
         self.queries
@@ -873,8 +868,7 @@ impl ArpPacket {
 #[derive(Debug)]
 pub struct ArpSocket {
     fd: OwnedFd,
-    ifindex: u32,
-    /// `ifindex` as `sockaddr_ll` wants it.
+    /// The interface, as `sockaddr_ll` wants it.
     sll_ifindex: libc::c_int,
     mac: [u8; 6],
 }
@@ -912,15 +906,9 @@ impl ArpSocket {
         }
         Ok(ArpSocket {
             fd,
-            ifindex,
             sll_ifindex,
             mac,
         })
-    }
-
-    /// The interface the socket is bound to.
-    pub fn ifindex(&self) -> u32 {
-        self.ifindex
     }
 
     /// The interface's hardware address, read when the socket was opened.

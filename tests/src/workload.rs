@@ -49,17 +49,20 @@ impl Workload {
 #[derive(Debug, Default)]
 pub struct Record {
     pub acked: AtomicU64,
-    /// Gaps between two acknowledgements longer than 200 ms, with when they ended.
-    pub pauses: Mutex<Vec<(Instant, Duration)>>,
     pub reconnects: AtomicU64,
     /// When each acknowledgement arrived.
     pub ack_times: Mutex<Vec<Instant>>,
 }
 
 impl Record {
+    /// The longest gap between two acknowledgements.
     pub fn longest_pause(&self) -> Duration {
-        let pauses = self.pauses.lock().expect("pauses");
-        pauses.iter().map(|p| p.1).max().unwrap_or_default()
+        let times = self.ack_times.lock().expect("ack times");
+        times
+            .windows(2)
+            .map(|pair| pair[1] - pair[0])
+            .max()
+            .unwrap_or_default()
     }
 
     /// The client-visible pause of something that was over at `at`: from the last
@@ -89,7 +92,6 @@ pub fn connect(addr: SocketAddr) -> std::io::Result<RawClient<TcpStream>> {
 /// and retrying as needed, until done or `stop` (then false).
 pub fn write_all(addr: SocketAddr, work: Workload, record: &Record, stop: &AtomicBool) -> bool {
     let mut client: Option<RawClient<TcpStream>> = None;
-    let mut last_ack = Instant::now();
     let mut i = 0;
     while i < work.blocks {
         if stop.load(Ordering::Relaxed) {
@@ -108,11 +110,6 @@ pub fn write_all(addr: SocketAddr, work: Workload, record: &Record, stop: &Atomi
         match c.write(0, work.offset(i), &work.data(i)) {
             Ok(0) => {
                 let now = Instant::now();
-                let gap = now - last_ack;
-                if gap > Duration::from_millis(200) {
-                    record.pauses.lock().expect("pauses").push((now, gap));
-                }
-                last_ack = now;
                 record.ack_times.lock().expect("ack times").push(now);
                 record.acked.fetch_add(1, Ordering::Relaxed);
                 i += 1;

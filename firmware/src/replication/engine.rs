@@ -37,7 +37,7 @@
 
 mod failover;
 
-pub use failover::{Readiness, CLUSTER_IP_PROBE_MS};
+pub use failover::{schedule, Readiness, CLUSTER_IP_PROBE_MS};
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -61,10 +61,9 @@ use tandem_board::{DiskCompletion, DiskDone, DiskRequest, IoBuf};
 /// Engine-internal disk requests carry this bit in their tag; client requests do not.
 const TAG_INTERNAL: u64 = 1 << 48;
 
-/// The ARP probe schedule of a takeover (3 probes 100 ms apart, 150 ms after the last) plus a
-/// margin: the takeover window is the dead time plus this (DESIGN.md §4 rule 3).
-const TAKEOVER_PROBES_MS: u64 = 450;
-const TAKEOVER_MARGIN_MS: u64 = 50;
+/// The takeover window is the dead time, the probe of the cluster IP and this margin (DESIGN.md
+/// §4 rule 3).
+const TAKEOVER_MARGIN_MS: u64 = 150;
 
 /// Resync messages in flight when no client request is, and when some are (client I/O first).
 const RESYNC_WINDOW_IDLE: usize = 8;
@@ -558,7 +557,7 @@ impl Mirror {
     }
 
     fn takeover_window_ms(&self) -> u64 {
-        self.settings.dead_time_ms + TAKEOVER_PROBES_MS + TAKEOVER_MARGIN_MS
+        self.settings.dead_time_ms + CLUSTER_IP_PROBE_MS + TAKEOVER_MARGIN_MS
     }
 
     fn generations_now(&self) -> Generations {
@@ -805,16 +804,21 @@ impl Mirror {
             .then_some(link)
     }
 
+    /// This node's role as the peer sees it (a fenced node is not primary).
+    fn wire_role(&self) -> WireRole {
+        if self.role == Role::Primary {
+            WireRole::Primary
+        } else {
+            WireRole::Secondary
+        }
+    }
+
     fn my_state(&self, exchange: Exchange) -> PeerState {
         PeerState {
             exchange,
             exchange_id: self.exchange_id,
             boot_id: self.settings.boot_id,
-            role: if self.role == Role::Primary {
-                WireRole::Primary
-            } else {
-                WireRole::Secondary
-            },
+            role: self.wire_role(),
             epoch: self.sb.epoch,
             generations: self.generations_now(),
             disk: self.disk,

@@ -14,29 +14,15 @@
 //!   reported to the engine.
 
 use crate::config::Config;
+use crate::replication::engine::schedule::{
+    probe_due_ms, ANNOUNCE_AT_MS, ANNOUNCE_LATE_MS, GATEWAY_PROBE_INTERVAL_MS, GATEWAY_SILENCE_MS,
+    GATEWAY_UNANSWERED_MIN, PROBE_COUNT, PROBE_OVERRUN_MS,
+};
 use crate::replication::wire::UplinkHealth;
 use crate::time::Instant;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, BorrowedFd};
 use tandem_board::net::{self, ArpSocket, LinkWatch};
-
-/// Gateway probes go out this often.
-const GATEWAY_PROBE_INTERVAL_MS: u64 = 100;
-/// The gateway is silent after this long without an answer, and only once this many probes
-/// sent since its last answer went unanswered: a node that was itself stalled (nothing sent)
-/// does not blame the gateway for its own silence.
-const GATEWAY_SILENCE_MS: u64 = 500;
-const GATEWAY_UNANSWERED_MIN: u32 = 3;
-/// The probe schedule of a takeover (RFC 5227, shortened as DESIGN.md §4 rule 3 says).
-const PROBE_COUNT: u32 = 3;
-const PROBE_INTERVAL_MS: u64 = 100;
-const PROBE_WAIT_MS: u64 = 150;
-/// A probe step later than this (this node was stalled) restarts the probe.
-const PROBE_OVERRUN_MS: u64 = 200;
-/// When the gratuitous announcements go out, after the address is added.
-const ANNOUNCE_AT_MS: [u64; 5] = [0, 100, 300, 700, 1500];
-/// An announcement later than this is dropped with the rest of its burst.
-const ANNOUNCE_LATE_MS: u64 = 500;
 
 /// What the LAN told the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +38,15 @@ pub(super) enum ClusterEvent {
 #[derive(Debug)]
 struct ProbeRun {
     started: Instant,
-    sent: u32,
+    sent: u64,
     answered: bool,
+}
+
+impl ProbeRun {
+    /// When the probe acts next: its next probe, or its end.
+    fn due(&self) -> Instant {
+        self.started.plus_millis(probe_due_ms(self.sent))
+    }
 }
 
 /// The lan port, as failover needs it.
@@ -197,14 +190,7 @@ impl ClusterNet {
     /// The next instant `handle_timeout` has something to do.
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
         let gateway = self.gateway.map(|_| self.next_gateway_probe);
-        let probe = self.probe.as_ref().map(|p| {
-            if p.sent < PROBE_COUNT {
-                p.started.plus_millis(u64::from(p.sent) * PROBE_INTERVAL_MS)
-            } else {
-                p.started
-                    .plus_millis(u64::from(PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS)
-            }
-        });
+        let probe = self.probe.as_ref().map(ProbeRun::due);
         let announce = self.announce_from.and_then(|from| {
             ANNOUNCE_AT_MS
                 .get(self.announced)
@@ -246,16 +232,7 @@ impl ClusterNet {
         };
         // A probe overrun by a stall of this board proves nothing: its probes would all go out
         // at once and the answers could not be back yet. It starts again.
-        let due = if probe.sent < PROBE_COUNT {
-            probe
-                .started
-                .plus_millis(u64::from(probe.sent) * PROBE_INTERVAL_MS)
-        } else {
-            probe
-                .started
-                .plus_millis(u64::from(PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS)
-        };
-        if now.millis_since(due) > PROBE_OVERRUN_MS {
+        if now.millis_since(probe.due()) > PROBE_OVERRUN_MS {
             log::warn!("cluster IP probe overrun by a stall of this node; probing again");
             probe.started = now;
             probe.sent = 0;
@@ -265,12 +242,7 @@ impl ClusterNet {
             self.events.push(ClusterEvent::ProbeDone { answered: true });
             return;
         };
-        while probe.sent < PROBE_COUNT
-            && now
-                >= probe
-                    .started
-                    .plus_millis(u64::from(probe.sent) * PROBE_INTERVAL_MS)
-        {
+        while probe.sent < PROBE_COUNT && now >= probe.due() {
             if let Some(arp) = self.arp.as_ref() {
                 if let Err(e) = arp.send_probe(vip) {
                     log::warn!("cluster IP: probe not sent (error={e})");
@@ -278,10 +250,7 @@ impl ClusterNet {
             }
             probe.sent += 1;
         }
-        let end = probe
-            .started
-            .plus_millis(u64::from(PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS);
-        if probe.sent == PROBE_COUNT && now >= end {
+        if probe.sent == PROBE_COUNT && now >= probe.due() {
             let answered = probe.answered;
             self.probe = None;
             log::info!("cluster IP probe done (address={vip} answered={answered})");

@@ -17,8 +17,42 @@ use crate::replication::generation::DiskFreshness;
 use crate::replication::wire::{Beat, UplinkHealth, WireRole};
 use crate::time::Instant;
 
-/// How long the runtime's probe of the cluster IP takes (3 probes 100 ms apart, then 150 ms).
-pub const CLUSTER_IP_PROBE_MS: u64 = 350;
+/// How the runtime watches and claims the LAN (`runtime/cluster.rs`), in one place, because the
+/// engine's takeover window and the simulator's model of the runtime follow from it.
+pub mod schedule {
+    /// A probe of the cluster IP: RFC 5227's probes, shortened as DESIGN.md §4 rule 3 says.
+    pub const PROBE_COUNT: u64 = 3;
+    pub const PROBE_INTERVAL_MS: u64 = 100;
+    /// The wait for an answer after the last probe.
+    pub const PROBE_WAIT_MS: u64 = 150;
+    /// A probe step later than this (the node itself was stalled) restarts the probe.
+    pub const PROBE_OVERRUN_MS: u64 = 200;
+    /// When the gratuitous announcements go out, after the address is added.
+    pub const ANNOUNCE_AT_MS: [u64; 5] = [0, 100, 300, 700, 1500];
+    /// An announcement later than this is dropped with the rest of its burst.
+    pub const ANNOUNCE_LATE_MS: u64 = 500;
+    /// Gateway probes go out this often.
+    pub const GATEWAY_PROBE_INTERVAL_MS: u64 = 100;
+    /// The gateway is silent after this long without an answer, and only once this many probes
+    /// sent since its last answer went unanswered: a node that was itself stalled (nothing
+    /// sent) does not blame the gateway for its own silence.
+    pub const GATEWAY_SILENCE_MS: u64 = 500;
+    pub const GATEWAY_UNANSWERED_MIN: u32 = 3;
+
+    /// Milliseconds after its start at which a probe with `sent` probes out acts next: the
+    /// next probe, or (all sent) its end.
+    pub const fn probe_due_ms(sent: u64) -> u64 {
+        if sent < PROBE_COUNT {
+            sent * PROBE_INTERVAL_MS
+        } else {
+            super::CLUSTER_IP_PROBE_MS
+        }
+    }
+}
+
+/// How long a probe of the cluster IP takes.
+pub const CLUSTER_IP_PROBE_MS: u64 =
+    (schedule::PROBE_COUNT - 1) * schedule::PROBE_INTERVAL_MS + schedule::PROBE_WAIT_MS;
 /// A primary whose uplink has been down this long hands over to an eligible peer (rule 6); a
 /// flapping port does not move the role.
 const UPLINK_SWITCHOVER_AFTER_MS: u64 = 300;
@@ -107,11 +141,7 @@ impl Mirror {
     pub(super) fn beat(&self) -> Beat {
         Beat {
             boot_id: self.settings.boot_id,
-            role: if self.role == Role::Primary {
-                WireRole::Primary
-            } else {
-                WireRole::Secondary
-            },
+            role: self.wire_role(),
             epoch: self.sb.epoch,
             disk: self.disk,
             syncing: self.syncing,
@@ -120,13 +150,6 @@ impl Mirror {
             current_generation: self.sb.current_generation,
             holds_cluster_ip: self.fo.holds_ip,
         }
-    }
-
-    /// The peer's uplink, from its newest heartbeat.
-    pub fn peer_uplink(&self) -> UplinkHealth {
-        self.fo
-            .peer_beat
-            .map_or(UplinkHealth::Unknown, |b| b.uplink)
     }
 
     /// The lease (rule 1): a primary that mirrors may acknowledge only while the peer heard it

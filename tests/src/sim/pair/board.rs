@@ -78,10 +78,9 @@ pub(super) enum Input {
         conn: u64,
         tag: u64,
     },
-    /// An ARP packet claiming the cluster IP from another board, sent at `sent_at`: an
-    /// announcement, or a probe.
-    Arp {
-        announce: bool,
+    /// A gratuitous ARP from another board claiming the cluster IP, sent at `sent_at` (a probe
+    /// from 0.0.0.0 asks and claims nothing, so it is not an input).
+    Announcement {
         sent_at: u64,
     },
 }
@@ -649,17 +648,15 @@ impl PairSim {
                     self.work.requests.remove(&tag);
                 }
             }
-            Input::Arp { announce, sent_at } => {
+            Input::Announcement { sent_at } => {
                 // Only a claim made while the probe runs answers it: the runtime takes what
-                // waited in its ARP socket before it starts a probe (a node stopped through its
-                // peer's takeover attempt finds the peer's own probes there).
+                // waited in its ARP socket before it starts a probe.
                 if let Some(probe) = self.boards[i].net.probe.as_mut() {
-                    // A probe from 0.0.0.0 is another node asking, not holding.
-                    if announce && sent_at >= probe.started {
+                    if sent_at >= probe.started {
                         probe.answered = true;
                     }
                 }
-                if announce && self.boards[i].net.holds_vip {
+                if self.boards[i].net.holds_vip {
                     self.engine(i, |m, now| m.handle_cluster_ip_conflict(now))?;
                 }
             }

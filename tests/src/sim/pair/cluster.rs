@@ -11,20 +11,10 @@ use super::board::Input;
 use super::lan::Host;
 use super::{Event, Outcome, PairSim};
 
-/// Gateway probes go out this often, and the gateway is silent after this long without an
-/// answer (`runtime/cluster.rs`).
-const GATEWAY_PROBE_INTERVAL_MS: u64 = 100;
-const GATEWAY_SILENCE_MS: u64 = 500;
-/// The cluster IP probe: 3 probes 100 ms apart, then 150 ms of waiting.
-const PROBE_COUNT: u64 = 3;
-const PROBE_INTERVAL_MS: u64 = 100;
-const PROBE_WAIT_MS: u64 = 150;
-/// Gratuitous ARP announcements after the address is added.
-const ANNOUNCE_AT_MS: [u64; 5] = [0, 100, 300, 700, 1500];
-/// As the runtime: an announcement later than this is dropped with the rest of its burst.
-const ANNOUNCE_LATE_MS: u64 = 500;
-/// As the runtime: a probe step later than this restarts the probe.
-const PROBE_OVERRUN_MS: u64 = 200;
+use tandem::replication::engine::schedule::{
+    probe_due_ms, ANNOUNCE_AT_MS, ANNOUNCE_LATE_MS, GATEWAY_PROBE_INTERVAL_MS, GATEWAY_SILENCE_MS,
+    PROBE_COUNT, PROBE_OVERRUN_MS,
+};
 
 /// A probe of the cluster IP under way.
 #[derive(Debug, Clone, Copy)]
@@ -65,13 +55,7 @@ impl BoardNet {
     /// The next instant something is due.
     pub(super) fn poll_timeout(&self, gateway_probe: bool) -> Option<u64> {
         let gateway = gateway_probe.then_some(self.next_gateway_probe);
-        let probe = self.probe.map(|p| {
-            if p.sent < PROBE_COUNT {
-                p.started + p.sent * PROBE_INTERVAL_MS
-            } else {
-                p.started + (PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS
-            }
-        });
+        let probe = self.probe.map(|p| p.started + probe_due_ms(p.sent));
         let announce = self
             .announce_from
             .and_then(|from| ANNOUNCE_AT_MS.get(self.announced).map(|at| from + at));
@@ -121,34 +105,19 @@ impl PairSim {
         };
         let now = self.now;
         // As the runtime: a probe that this board's own stall overran starts again.
-        let due = if probe.sent < PROBE_COUNT {
-            probe.started + probe.sent * PROBE_INTERVAL_MS
-        } else {
-            probe.started + (PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS
-        };
-        if now > due + PROBE_OVERRUN_MS {
+        if now > probe.started + probe_due_ms(probe.sent) + PROBE_OVERRUN_MS {
             probe.started = now;
             probe.sent = 0;
         }
-        while probe.sent < PROBE_COUNT && now >= probe.started + probe.sent * PROBE_INTERVAL_MS {
-            // A probe goes out (sender 0.0.0.0): a kernel holding the address answers it, and
-            // a daemon probing at the same time sees it.
-            let j = 1 - i;
-            if self.lan.lan_path(Host::Board(i), Host::Board(j)) && self.boards[j].daemon_alive() {
-                let claim = Input::Arp {
-                    announce: false,
-                    sent_at: now,
-                };
-                self.boards[j].push_input(now + 1, claim);
-            }
+        while probe.sent < PROBE_COUNT && now >= probe.started + probe_due_ms(probe.sent) {
+            // A probe goes out (sender 0.0.0.0): a kernel holding the address answers it.
             if self.arp_answers(i) {
                 probe.answered = true;
             }
             probe.sent += 1;
         }
         self.boards[i].net.probe = Some(probe);
-        let end = probe.started + (PROBE_COUNT - 1) * PROBE_INTERVAL_MS + PROBE_WAIT_MS;
-        if probe.sent == PROBE_COUNT && now >= end {
+        if probe.sent == PROBE_COUNT && now >= probe.started + probe_due_ms(probe.sent) {
             self.boards[i].net.probe = None;
             let answered = probe.answered;
             self.event(Some(i), Event::ProbeDone { answered });
@@ -158,7 +127,7 @@ impl PairSim {
     }
 
     /// Another board answers a probe of board `i` for the cluster IP: its kernel holds the
-    /// address and runs, and the LAN carries both ways; or its daemon probes too.
+    /// address and runs, and the LAN carries both ways.
     fn arp_answers(&self, i: usize) -> bool {
         let j = 1 - i;
         let both_ways = self.lan.lan_both_ways(Host::Board(i), Host::Board(j));
@@ -182,10 +151,7 @@ impl PairSim {
             // Gratuitous ARP: the clients' caches follow it, another holder sees a conflict.
             let j = 1 - i;
             if self.lan.lan_path(Host::Board(i), Host::Board(j)) && self.boards[j].daemon_alive() {
-                let claim = Input::Arp {
-                    announce: true,
-                    sent_at: now,
-                };
+                let claim = Input::Announcement { sent_at: now };
                 self.boards[j].push_input(now + 1, claim);
             }
             if self.lan.lan_path(Host::Board(i), Host::Client) {
