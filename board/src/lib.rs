@@ -10,6 +10,7 @@
 
 pub mod buf;
 pub mod disk;
+pub mod nbd_kernel;
 pub mod net;
 pub mod serial;
 pub mod signals;

@@ -31,12 +31,12 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_MULTI: u16 = 0x2;
-const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
-const NLA_HEADER_LEN: usize = 4;
+pub(crate) const NLA_HEADER_LEN: usize = 4;
 /// Attribute types carry two flag bits (NLA_F_NESTED, NLA_F_NET_BYTEORDER) above the type.
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
@@ -70,8 +70,8 @@ const AF_INET: u8 = 2;
 const ETH_P_ARP: u16 = 0x0806;
 const PACKET_OUTGOING: u8 = 4;
 
-/// The largest request this module sends: a link query by name (16 + 16 + 4 + 16 bytes).
-const REQUEST_SIZE_MAX: usize = 64;
+/// The largest request this crate sends: an NBD connect (about 130 bytes; see `nbd_kernel`).
+const REQUEST_SIZE_MAX: usize = 256;
 /// The receive buffer for netlink datagrams. The kernel sizes dump datagrams after the reader's
 /// buffer but never above 32 KiB, so a dump never truncates; a larger single message (a link
 /// with very many attributes) is reported as truncated rather than misread.
@@ -96,7 +96,7 @@ const BROADCAST_MAC: [u8; 6] = [0xff; 6];
 /// the answer to another request.
 static NEXT_SEQUENCE: AtomicU32 = AtomicU32::new(1);
 
-fn next_sequence() -> u32 {
+pub(crate) fn next_sequence() -> u32 {
     NEXT_SEQUENCE.fetch_add(1, Ordering::Relaxed)
 }
 
@@ -327,9 +327,10 @@ fn carrier_in_notification(message: &Message<'_>, ifindex: u32) -> Option<bool> 
 // Netlink: the socket and its three kinds of exchange.
 // ---------------------------------------------------------------------------------------------
 
-/// A blocking NETLINK_ROUTE socket for one request at a time.
+/// A blocking netlink socket for one request at a time (NETLINK_ROUTE, or NETLINK_GENERIC for
+/// the nbd family).
 #[derive(Debug)]
-struct RouteSocket {
+pub(crate) struct RouteSocket {
     fd: OwnedFd,
 }
 
@@ -341,19 +342,35 @@ enum LinkKey<'a> {
 }
 
 fn netlink_socket(flags: SocketFlags) -> io::Result<OwnedFd> {
+    // NETLINK_ROUTE is protocol 0, which rustix spells None.
+    netlink_socket_of(flags, None)
+}
+
+fn netlink_socket_of(
+    flags: SocketFlags,
+    protocol: Option<rustix::net::Protocol>,
+) -> io::Result<OwnedFd> {
     let fd = rustix::net::socket_with(
         AddressFamily::NETLINK,
         SocketType::RAW,
         flags | SocketFlags::CLOEXEC,
-        // NETLINK_ROUTE is protocol 0, which rustix spells None.
-        None,
+        protocol,
     )?;
     Ok(fd)
 }
 
 impl RouteSocket {
     fn open() -> io::Result<RouteSocket> {
-        let fd = netlink_socket(SocketFlags::empty())?;
+        RouteSocket::open_protocol(None)
+    }
+
+    /// A NETLINK_GENERIC socket (generic netlink families such as nbd).
+    pub(crate) fn open_generic() -> io::Result<RouteSocket> {
+        RouteSocket::open_protocol(Some(rustix::net::netlink::GENERIC))
+    }
+
+    fn open_protocol(protocol: Option<rustix::net::Protocol>) -> io::Result<RouteSocket> {
+        let fd = netlink_socket_of(SocketFlags::empty(), protocol)?;
         rustix::net::sockopt::set_socket_timeout(
             &fd,
             rustix::net::sockopt::Timeout::Recv,
@@ -364,7 +381,7 @@ impl RouteSocket {
 
     /// Sends a request that asked for an acknowledgement; Ok when the kernel acknowledged, the
     /// kernel's errno otherwise.
-    fn acknowledged(&self, request: &Request) -> io::Result<()> {
+    pub(crate) fn acknowledged(&self, request: &Request) -> io::Result<()> {
         self.exchange(request, |_| {}).map(|_| ())
     }
 
@@ -418,7 +435,11 @@ impl RouteSocket {
     /// acknowledgement or error (NLMSG_ERROR), the end of a dump (NLMSG_DONE), or the one reply
     /// to a plain query. Returns whether the kernel saw the reply as consistent (no
     /// NLM_F_DUMP_INTR).
-    fn exchange(&self, request: &Request, mut each: impl FnMut(&Message<'_>)) -> io::Result<bool> {
+    pub(crate) fn exchange(
+        &self,
+        request: &Request,
+        mut each: impl FnMut(&Message<'_>),
+    ) -> io::Result<bool> {
         rustix::net::sendto(
             &self.fd,
             request.as_bytes(),
@@ -503,13 +524,13 @@ fn check_status(message: &Message<'_>) -> io::Result<()> {
 
 /// One netlink request, built in place: the header, a family header, attributes.
 #[derive(Debug, Clone)]
-struct Request {
+pub(crate) struct Request {
     bytes: [u8; REQUEST_SIZE_MAX],
     len: usize,
 }
 
 impl Request {
-    fn new(kind: u16, flags: u16, seq: u32) -> Request {
+    pub(crate) fn new(kind: u16, flags: u16, seq: u32) -> Request {
         let mut request = Request {
             bytes: [0; REQUEST_SIZE_MAX],
             len: 0,
@@ -526,7 +547,7 @@ impl Request {
     /// Appends `bytes`, padded to 4 bytes as netlink aligns everything, and updates the length
     /// in the header. Requests are built from constants and validated inputs only, so one that
     /// outgrows the buffer is a bug.
-    fn push(&mut self, bytes: &[u8]) {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
         let padded = align4(bytes.len());
         assert!(
             self.len + padded <= REQUEST_SIZE_MAX,
@@ -539,7 +560,7 @@ impl Request {
         self.bytes[0..4].copy_from_slice(&total.to_ne_bytes());
     }
 
-    fn push_attribute(&mut self, kind: u16, payload: &[u8]) {
+    pub(crate) fn push_attribute(&mut self, kind: u16, payload: &[u8]) {
         let len = u16::try_from(NLA_HEADER_LEN + payload.len()).unwrap_or(u16::MAX);
         let mut header = [0u8; NLA_HEADER_LEN];
         header[0..2].copy_from_slice(&len.to_ne_bytes());
@@ -548,7 +569,7 @@ impl Request {
         self.push(payload);
     }
 
-    fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
 
@@ -561,7 +582,7 @@ impl Request {
     }
 }
 
-fn align4(len: usize) -> usize {
+pub(crate) fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 
@@ -623,7 +644,7 @@ fn link_request(seq: u32, key: LinkKey<'_>) -> Request {
 // Netlink: parsing. Nothing here panics, whatever the bytes.
 // ---------------------------------------------------------------------------------------------
 
-fn read_u16(bytes: &[u8], at: usize) -> Option<u16> {
+pub(crate) fn read_u16(bytes: &[u8], at: usize) -> Option<u16> {
     let (field, _) = bytes.get(at..)?.split_first_chunk::<2>()?;
     Some(u16::from_ne_bytes(*field))
 }
@@ -639,11 +660,11 @@ fn read_i32(bytes: &[u8], at: usize) -> Option<i32> {
 
 /// One netlink message of a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Message<'a> {
-    kind: u16,
+pub(crate) struct Message<'a> {
+    pub(crate) kind: u16,
     flags: u16,
     seq: u32,
-    payload: &'a [u8],
+    pub(crate) payload: &'a [u8],
 }
 
 /// The messages of one datagram. A header that is too short or claims more bytes than remain
@@ -682,12 +703,12 @@ impl<'a> Iterator for Messages<'a> {
 
 /// The attributes (`rtattr`) in `bytes`, as (type, payload). Framed like [`Messages`].
 #[derive(Debug)]
-struct Attributes<'a> {
+pub(crate) struct Attributes<'a> {
     rest: &'a [u8],
 }
 
 impl<'a> Attributes<'a> {
-    fn new(bytes: &'a [u8]) -> Attributes<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Attributes<'a> {
         Attributes { rest: bytes }
     }
 }

@@ -102,6 +102,11 @@ pub struct VolumeConfig {
     /// O_DIRECT for aligned I/O. `None`: the runtime chooses (on for block devices, off for
     /// regular files).
     pub direct_io: Option<bool>,
+    /// The kernel block device the primary attaches the volume to (`/dev/nbdN`), through the
+    /// nbd netlink interface; off when absent. Excludes `nbd_listen` (one writer per node).
+    pub attach: Option<PathBuf>,
+    /// Where the primary mounts the ext4 filesystem of the attached volume; needs `attach`.
+    pub mount: Option<PathBuf>,
 }
 
 /// The two ends of one link between the nodes.
@@ -263,6 +268,12 @@ impl Config {
         match self.volume.direct_io {
             Some(direct_io) => out.raw("direct_io", &direct_io.to_string()),
             None => out.comment("direct_io: automatic (on for block devices, off for files)"),
+        }
+        if let Some(attach) = &self.volume.attach {
+            out.path("attach", attach);
+        }
+        if let Some(mount) = &self.volume.mount {
+            out.path("mount", mount);
         }
 
         if let Some(peer) = &self.peer {
@@ -431,6 +442,15 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
         checked.problems.extend(check_key_file(&key_file, line));
     }
     checked.finish().map_err(invalid)
+}
+
+/// N of `/dev/nbdN`.
+pub fn nbd_index(path: &Path) -> Option<u32> {
+    let digits = path.to_str()?.strip_prefix("/dev/nbd")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.len() > 6 {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 fn too_large() -> ConfigProblem {
@@ -634,17 +654,43 @@ impl Checker<'_> {
     fn volume(&mut self, section: &Section<'_>) -> Checking<VolumeConfig> {
         self.unknown_keys(
             section,
-            &["backing", "nbd_socket", "nbd_listen", "direct_io"],
+            &[
+                "backing",
+                "nbd_socket",
+                "nbd_listen",
+                "direct_io",
+                "attach",
+                "mount",
+            ],
         );
         let backing = self.required(section, "backing", Self::path);
         let nbd_socket = self.required(section, "nbd_socket", Self::path);
-        let nbd_listen = self.optional(section, "nbd_listen", Self::socket_addr);
+        let mut nbd_listen = self.optional(section, "nbd_listen", Self::socket_addr);
         let direct_io = self.optional(section, "direct_io", Self::boolean);
+        let attach = self.optional(section, "attach", Self::nbd_device);
+        let mut mount = self.optional(section, "mount", Self::absolute_path);
+        if let (Ok(Some(_)), Ok(None)) = (&mount, &attach) {
+            mount = Err(self.report(
+                self.line_of_key(section, "mount"),
+                "volume.mount",
+                "needs volume.attach: the filesystem is mounted from the attached /dev/nbdN",
+            ));
+        }
+        if let (Ok(Some(_)), Ok(Some(_))) = (&nbd_listen, &attach) {
+            nbd_listen = Err(self.report(
+                self.line_of_key(section, "nbd_listen"),
+                "volume.nbd_listen",
+                "cannot be used with volume.attach: the kernel's filesystem and a TCP client \
+                 would both write the volume",
+            ));
+        }
         Ok(VolumeConfig {
             backing: backing?,
             nbd_socket: nbd_socket?,
             nbd_listen: nbd_listen?,
             direct_io: direct_io?,
+            attach: attach?,
+            mount: mount?,
         })
     }
 
@@ -889,6 +935,29 @@ impl Checker<'_> {
             return Err(self.invalid(field, "must not contain a NUL character".to_string()));
         }
         Ok(PathBuf::from(text))
+    }
+
+    fn absolute_path(&mut self, field: &Field<'_>) -> Checking<PathBuf> {
+        let path = self.path(field)?;
+        if !path.is_absolute() {
+            return Err(self.invalid(field, "must be an absolute path".to_string()));
+        }
+        Ok(path)
+    }
+
+    /// `/dev/nbdN`: the kernel's NBD devices, the only ones the volume can be attached to.
+    fn nbd_device(&mut self, field: &Field<'_>) -> Checking<PathBuf> {
+        let path = self.path(field)?;
+        if nbd_index(&path).is_none() {
+            return Err(self.invalid(
+                field,
+                format!(
+                    "{} is not an NBD device: it must be /dev/nbdN",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(path)
     }
 
     fn node_name(&mut self, field: &Field<'_>) -> Checking<String> {
@@ -1335,6 +1404,8 @@ control_socket = "/run/ctl.sock"
                 nbd_socket: "/run/tandem/nbd.sock".into(),
                 nbd_listen: Some(addr("192.168.131.230:10809")),
                 direct_io: None,
+                attach: None,
+                mount: None,
             },
             peer: Some(PeerConfig {
                 name: "nas-b".into(),
@@ -1384,6 +1455,8 @@ control_socket = "/run/ctl.sock"
         assert_eq!(config.node.state_dir, PathBuf::from("/var/lib/tandem"));
         assert_eq!(config.volume.nbd_listen, None);
         assert_eq!(config.volume.direct_io, None);
+        assert_eq!(config.volume.attach, None);
+        assert_eq!(config.volume.mount, None);
         assert_eq!(config.cluster, ClusterConfig::default());
         assert_eq!(config.cluster.heartbeat_interval_ms, 100);
         assert_eq!(config.cluster.dead_time_ms, 1000);
@@ -1524,6 +1597,42 @@ control_socket = "/run/ctl.sock"
                 line: Some(6),
                 key: "volume.nbd_listen",
                 message: "port other than 0",
+            },
+            Case {
+                what: "attach to something that is not an NBD device",
+                base: STANDALONE,
+                from: "nbd_socket = \"/run/tandem/nbd.sock\"",
+                to: "nbd_socket = \"/run/tandem/nbd.sock\"\nattach = \"/dev/sda\"",
+                line: Some(6),
+                key: "volume.attach",
+                message: "must be /dev/nbdN",
+            },
+            Case {
+                what: "mount without attach",
+                base: STANDALONE,
+                from: "nbd_socket = \"/run/tandem/nbd.sock\"",
+                to: "nbd_socket = \"/run/tandem/nbd.sock\"\nmount = \"/data\"",
+                line: Some(6),
+                key: "volume.mount",
+                message: "needs volume.attach",
+            },
+            Case {
+                what: "a relative mount point",
+                base: STANDALONE,
+                from: "nbd_socket = \"/run/tandem/nbd.sock\"",
+                to: "nbd_socket = \"/run/tandem/nbd.sock\"\nattach = \"/dev/nbd0\"\nmount = \"data\"",
+                line: Some(7),
+                key: "volume.mount",
+                message: "absolute path",
+            },
+            Case {
+                what: "attach and a TCP listener",
+                base: STANDALONE,
+                from: "nbd_socket = \"/run/tandem/nbd.sock\"",
+                to: "nbd_socket = \"/run/tandem/nbd.sock\"\nnbd_listen = \"127.0.0.1:10809\"\nattach = \"/dev/nbd0\"",
+                line: Some(6),
+                key: "volume.nbd_listen",
+                message: "cannot be used with volume.attach",
             },
             Case {
                 what: "link ends of different address families",

@@ -225,6 +225,8 @@ pub struct Status {
     pub volume_bytes: u64,
     /// The backing device.
     pub backing: String,
+    /// The volume in the local kernel (`[volume] attach`): device, mount, or why not.
+    pub kernel: Option<String>,
     /// Seconds since the node started.
     pub uptime_s: u64,
     /// Clients connected.
@@ -284,6 +286,8 @@ pub struct Node {
     maintenance: bool,
     /// What the runtime reports of the hardware watchdog.
     watchdog: WatchdogStatus,
+    /// What the runtime reports of the volume in the local kernel.
+    kernel: Option<String>,
 }
 
 impl Node {
@@ -303,6 +307,7 @@ impl Node {
             mirror: None,
             maintenance: false,
             watchdog: WatchdogStatus::default(),
+            kernel: None,
         }
     }
 
@@ -330,6 +335,7 @@ impl Node {
             mirror: Some(Box::new(mirror)),
             maintenance: false,
             watchdog: WatchdogStatus::default(),
+            kernel: None,
         }
     }
 
@@ -427,6 +433,7 @@ impl Node {
         let rtt = |link| self.link_info(link).and_then(|i| i.rtt_ms);
         Status {
             watchdog: self.watchdog,
+            kernel: self.kernel.clone(),
             link_rtt_ms: LinkRtts {
                 heartbeat: rtt(LinkKind::Heartbeat),
                 lan: rtt(LinkKind::Lan),
@@ -469,6 +476,11 @@ impl Node {
     /// The connection that is a link's session (or its only handshake), if any.
     pub fn link_current_conn(&self, link: LinkKind) -> Option<LinkConn> {
         self.mirror.as_ref()?.links().current_conn(link)
+    }
+
+    /// The runtime attached, mounted or detached the volume in the local kernel.
+    pub fn note_kernel_volume(&mut self, kernel: Option<String>) {
+        self.kernel = kernel;
     }
 
     /// The runtime armed or petted the hardware watchdog.
@@ -554,6 +566,27 @@ impl Node {
     pub fn handle_client_connected(&mut self, now: Instant) -> Option<ConnId> {
         self.now = now;
         self.server.handle_connected(now)
+    }
+
+    /// The kernel's NBD client was handed a socket (see [`Server::handle_attached`]).
+    pub fn handle_kernel_attached(&mut self, now: Instant) -> Option<ConnId> {
+        self.now = now;
+        self.server.handle_attached(now)
+    }
+
+    /// Whether this node serves the volume now (primary or standalone).
+    pub fn is_serving(&self) -> bool {
+        self.server.is_serving()
+    }
+
+    /// The exported volume's size.
+    pub fn volume_bytes(&self) -> u64 {
+        self.settings.volume_bytes
+    }
+
+    /// The transmission flags the kernel is told at attach.
+    pub fn transmission_flags(&self) -> u16 {
+        self.server.transmission_flags()
     }
 
     /// Bytes from a client; returns how many were consumed (see [`Server::handle_bytes`]).

@@ -45,6 +45,8 @@ state_dir = "/var/lib/tandem"
 [volume]
 backing = "/dev/disk/by-id/virtio-tandem-data"
 nbd_socket = "/run/tandem/nbd.sock"
+attach = "/dev/nbd0"
+mount = "/data"
 
 [console]
 tty = "/dev/ttyS0"
@@ -516,6 +518,30 @@ fn the_test_flag_gives_a_root_shell_on_the_second_serial_port() {
         .unwrap_or_else(|e| panic!("tandem ctl --json status: {e}\n{json}"));
     assert_eq!(status["node"], NODE, "{status}");
     assert_eq!(status["role"], "standalone", "{status}");
+
+    // The volume is attached to the kernel as /dev/nbd0 and carries ext4 on /data (made on the
+    // blank data disk): a file written there reads back after the page cache is dropped.
+    let from = shell.len();
+    shell.send(b"i=0; until grep -q '^/dev/nbd0 /data ext4' /proc/mounts || [ $i -ge 60 ]; do sleep 1; i=$((i+1)); done; echo MARK-$((6*7)); grep nbd0 /proc/mounts; dd if=/dev/urandom of=/data/f bs=64k count=16 2>/dev/null; sync; md5sum /data/f; echo 3 > /proc/sys/vm/drop_caches; md5sum /data/f; tandem ctl --socket /run/tandem/ctl.sock status | grep kernel; echo END-$((6*7))\n");
+    let start = shell.wait_for(from, "MARK-42", deadline, "the mount appears");
+    let end = shell.wait_for(start, "END-42", deadline, "the file is written and read");
+    let reply = shell.text_since(start);
+    let reply = &reply[..reply.len().min(end - start)];
+    assert!(
+        reply.contains("/dev/nbd0 /data ext4"),
+        "ext4 on /dev/nbd0 mounted on /data:\n{reply}"
+    );
+    let sums: Vec<&str> = reply
+        .lines()
+        .filter(|l| l.contains("/data/f"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(sums.len(), 2, "two checksums:\n{reply}");
+    assert_eq!(sums[0], sums[1], "the file reads back the same:\n{reply}");
+    assert!(
+        reply.contains("kernel: /dev/nbd0 attached, ext4 mounted on /data"),
+        "status shows the kernel side:\n{reply}"
+    );
     board.assert_running();
 }
 

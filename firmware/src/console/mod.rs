@@ -208,6 +208,9 @@ pub fn render_status(status: &Status) -> String {
         human_bytes(status.volume_bytes),
         status.backing
     ));
+    if let Some(kernel) = &status.kernel {
+        out.push_str(&format!("  kernel: {kernel}\n"));
+    }
     out.push_str(&format!(
         "  peer:{} heartbeat:{} lan:{} uplink:{}\n",
         status.peer.name(),

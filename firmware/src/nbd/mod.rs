@@ -376,6 +376,50 @@ impl Server {
     /// A client connected. Returns its id, or `None` when even the refusal slots are full (the
     /// runtime then closes the socket at once). The greeting is queued.
     pub fn handle_connected(&mut self, now: Instant) -> Option<ConnId> {
+        let conn = self.open_session(now, Phase::ClientFlags)?;
+        let flags = wire::handshake_flags::FIXED_NEWSTYLE | wire::handshake_flags::NO_ZEROES;
+        let greeting = wire::emit_greeting(flags);
+        self.outputs.push_back(ServerOutput::Send {
+            conn,
+            head: Head::from_parts(&[&greeting]),
+            data: None,
+        });
+        Some(conn)
+    }
+
+    /// The kernel's NBD client was handed a socket (the volume attached as `/dev/nbdN`): the
+    /// session starts in the transmission phase, as the kernel skips the handshake, with the
+    /// flags of [`Server::transmission_flags`] and simple replies. `None` when the volume is
+    /// not being served or no slot is free.
+    pub fn handle_attached(&mut self, now: Instant) -> Option<ConnId> {
+        if !self.export.is_serving {
+            return None;
+        }
+        let conn = self.open_session(now, Phase::Request)?;
+        if self.session_mut(conn).is_some_and(|s| s.is_refused) {
+            self.close(conn);
+            return None;
+        }
+        Some(conn)
+    }
+
+    /// The transmission flags the server offers; what the kernel is told at attach.
+    pub fn transmission_flags(&self) -> u16 {
+        use wire::transmission_flags as f;
+        f::HAS_FLAGS
+            | f::SEND_FLUSH
+            | f::SEND_FUA
+            | f::SEND_TRIM
+            | f::SEND_WRITE_ZEROES
+            | f::CAN_MULTI_CONN
+    }
+
+    /// Whether the volume is being served (this node is primary, or standalone).
+    pub fn is_serving(&self) -> bool {
+        self.export.is_serving
+    }
+
+    fn open_session(&mut self, now: Instant, phase: Phase) -> Option<ConnId> {
         let served = self
             .sessions
             .iter()
@@ -388,7 +432,7 @@ impl Server {
         self.generations[slot] = generation;
         self.sessions[slot] = Some(Session {
             generation,
-            phase: Phase::ClientFlags,
+            phase,
             partial: [0; wire::REQUEST_LEN],
             partial_len: 0,
             started_at: now,
@@ -411,13 +455,6 @@ impl Server {
         } else {
             self.counters.connections_accepted += 1;
         }
-        let flags = wire::handshake_flags::FIXED_NEWSTYLE | wire::handshake_flags::NO_ZEROES;
-        let greeting = wire::emit_greeting(flags);
-        self.outputs.push_back(ServerOutput::Send {
-            conn,
-            head: Head::from_parts(&[&greeting]),
-            data: None,
-        });
         Some(conn)
     }
 
@@ -824,16 +861,6 @@ impl Server {
 
     fn is_export_name(name: &str) -> bool {
         name.is_empty() || name == EXPORT_NAME
-    }
-
-    fn transmission_flags(&self) -> u16 {
-        use wire::transmission_flags as f;
-        f::HAS_FLAGS
-            | f::SEND_FLUSH
-            | f::SEND_FUA
-            | f::SEND_TRIM
-            | f::SEND_WRITE_ZEROES
-            | f::CAN_MULTI_CONN
     }
 
     fn handle_option(&mut self, conn: ConnId, header: wire::OptionHeader, payload: &[u8]) {

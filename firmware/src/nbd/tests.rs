@@ -1755,3 +1755,48 @@ proptest! {
         prop_assert_eq!(h.in_flight_bytes(), 0);
     }
 }
+
+// ---- the kernel's client (the volume attached as /dev/nbdN) ---------------------------------
+
+/// The kernel skips the handshake: its first bytes are requests, answered with simple replies.
+#[test]
+fn an_attached_kernel_session_starts_in_transmission_with_simple_replies() {
+    let mut h = Harness::new(DISK_BYTES);
+    let conn = h
+        .server
+        .handle_attached(Instant::from_millis(0))
+        .expect("a slot");
+    h.pump();
+    assert!(h.take_sent(conn).is_empty(), "no greeting to the kernel");
+    let data = pattern(4096, 9);
+    h.feed_all(conn, &write_req(command_flags::FUA, 1, 8192, &data));
+    h.feed_all(conn, &req(command::READ, 0, 2, 8192, 4096));
+    h.complete_all();
+    let replies = h.replies(conn);
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert_eq!(replies[0].cookie(), 1);
+    assert_eq!(replies[0].simple_error(), 0);
+    let Reply::Simple { data: read, .. } = &replies[1] else {
+        panic!("a simple reply to the read: {replies:?}");
+    };
+    assert_eq!(read, &data);
+    // No handshake deadline applies to it.
+    h.server
+        .handle_timeout(Instant::from_millis(NBD_HANDSHAKE_TIMEOUT_MS * 10));
+    h.pump();
+    assert_eq!(h.close_count(conn), 0);
+}
+
+/// A secondary never gives the kernel a session, and demotion closes an attached one.
+#[test]
+fn an_attached_session_exists_only_while_serving() {
+    let mut h = Harness::new(DISK_BYTES);
+    let conn = h
+        .server
+        .handle_attached(Instant::from_millis(0))
+        .expect("a slot");
+    h.server.set_serving(false);
+    h.pump();
+    assert_eq!(h.close_count(conn), 1);
+    assert!(h.server.handle_attached(Instant::from_millis(1)).is_none());
+}

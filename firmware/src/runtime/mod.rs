@@ -8,6 +8,7 @@
 //! submitted once per turn). A client whose bytes the node could not take (back-pressure) is
 //! offered them again after disk completions; its socket is not read meanwhile.
 
+mod attach;
 mod cluster;
 mod peer;
 pub mod volume;
@@ -87,6 +88,9 @@ const CLIENT_SEND_STALL_MS: u64 = 10_000;
 /// A disk request outstanding this long with no completion at all means the disk is stuck:
 /// the watchdog is no longer petted (DESIGN.md §4 "The watchdog").
 const DISK_STUCK_MS: u64 = 30_000;
+
+/// How often the loop looks at a kernel attach or detach worker while one runs.
+const KERNEL_WORKER_POLL_MS: u64 = 50;
 
 /// Write payloads at least this large are read from the socket straight into their buffer.
 const DIRECT_PAYLOAD_BYTES_MIN: usize = 64 << 10;
@@ -457,6 +461,10 @@ pub struct Runtime {
     cluster: Option<cluster::ClusterNet>,
     /// Why the node fenced itself, once it has.
     fenced: Option<String>,
+    /// The volume in the local kernel (`[volume] attach`).
+    kernel: Option<attach::KernelVolume>,
+    /// A clean stop waits for the kernel's filesystem to be unmounted, until this deadline.
+    stopping: Option<Instant>,
     /// The last time the disk completed anything, or had nothing outstanding.
     disk_progress: Instant,
     /// How long the last turn of the loop took.
@@ -591,6 +599,11 @@ impl Runtime {
             pets: 0,
             cluster: cluster::ClusterNet::open(config, now()),
             fenced: None,
+            kernel: attach::KernelVolume::new(
+                config.volume.attach.as_deref(),
+                config.volume.mount.as_deref(),
+            ),
+            stopping: None,
             disk_progress: now(),
             last_turn_ms: 0,
             logged_role: node_role,
@@ -995,6 +1008,7 @@ impl Runtime {
             self.expire_stalled_clients(now);
             self.drain_outputs();
             self.retry_blocked();
+            self.service_kernel();
             let role = self.node.role();
             if role != self.logged_role {
                 self.logged_role = role;
@@ -1004,8 +1018,22 @@ impl Runtime {
             if let Some(reason) = self.fenced.take() {
                 return self.fence(reason);
             }
-            if terminate {
-                return self.shutdown();
+            if terminate && self.stopping.is_none() {
+                // The kernel's filesystem is written back and unmounted while the loop still
+                // serves it; then the stop goes on.
+                if let Some(kernel) = self.kernel.as_mut() {
+                    kernel.stop();
+                }
+                self.stopping = Some(now.plus_millis(attach::UNMOUNT_TIMEOUT_MS));
+            }
+            if let Some(deadline) = self.stopping {
+                let detached = self.kernel.as_ref().is_none_or(|k| k.is_detached());
+                if detached || self::now() >= deadline {
+                    if !detached {
+                        log::warn!("the kernel's filesystem did not unmount in time; stopping");
+                    }
+                    return self.shutdown();
+                }
             }
             self.last_turn_ms = self::now().millis_since(now);
         }
@@ -1028,6 +1056,11 @@ impl Runtime {
             self.cluster
                 .as_ref()
                 .and_then(cluster::ClusterNet::poll_timeout),
+            // A kernel worker's end, or a stop's, is looked for every 50 ms.
+            self.kernel
+                .as_ref()
+                .filter(|k| k.is_busy() || self.stopping.is_some())
+                .map(|_| now.plus_millis(KERNEL_WORKER_POLL_MS)),
         ]
         .into_iter()
         .flatten()
@@ -1062,14 +1095,15 @@ impl Runtime {
                 }
             };
             match listener {
-                Listener::NbdUnix | Listener::NbdTcp => self.add_client(stream),
+                Listener::NbdUnix | Listener::NbdTcp => self.add_client(stream, false),
                 Listener::Control => self.add_service_client(ServiceKind::Control, stream),
                 Listener::Metrics => self.add_service_client(ServiceKind::Metrics, stream),
             }
         }
     }
 
-    fn add_client(&mut self, stream: Stream) {
+    /// Serves a new client; `kernel`: the kernel's NBD client, which skips the handshake.
+    fn add_client(&mut self, stream: Stream, kernel: bool) {
         let configured = match &stream {
             Stream::Unix(s) => s.set_nonblocking(true),
             Stream::Tcp(s) => s.set_nonblocking(true).and_then(|()| s.set_nodelay(true)),
@@ -1078,7 +1112,12 @@ impl Runtime {
             log::warn!("nbd: cannot set up a new client's socket (error={e})");
             return;
         }
-        let Some(conn) = self.node.handle_client_connected(now()) else {
+        let conn = if kernel {
+            self.node.handle_kernel_attached(now())
+        } else {
+            self.node.handle_client_connected(now())
+        };
+        let Some(conn) = conn else {
             log::warn!("nbd: every connection slot is taken, closing a new client at once");
             return;
         };
@@ -1240,6 +1279,21 @@ impl Runtime {
             }
         }
         self.node.handle_client_closed(client.conn);
+    }
+
+    /// Attaches the volume to the kernel while the node serves it, detaches it when it stops.
+    fn service_kernel(&mut self) {
+        let Some(kernel) = self.kernel.as_mut() else {
+            return;
+        };
+        let serving = self.node.is_serving() && self.stopping.is_none();
+        let size = self.node.volume_bytes();
+        let step = kernel.service(serving, size, self.node.transmission_flags());
+        let described = Some(kernel.describe());
+        if let attach::Step::Serve(stream) = step {
+            self.add_client(Stream::Unix(stream), true);
+        }
+        self.node.note_kernel_volume(described);
     }
 
     fn reap_disk(&mut self) {
