@@ -16,6 +16,7 @@
 pub mod nbd_wire;
 pub mod netns;
 pub mod pair;
+pub mod qemu;
 pub mod sim;
 pub mod workload;
 

@@ -559,3 +559,45 @@ fn verify_finds_a_damaged_copy_and_repairs_it() {
         .stdout
         .contains("verify: the copies differ"));
 }
+
+/// A discard or write-zeroes of the whole volume in one request (what `mke2fs` and the kernel
+/// do) is mirrored piece by piece; it once overran the activity log and killed the primary.
+#[test]
+fn a_whole_volume_discard_and_zeroing_are_mirrored() {
+    if !require_tools(&["qemu-io"]) {
+        return;
+    }
+    let pair = Pair::new("mirror-discard");
+    let a = pair.start("a");
+    let b = pair.start("b");
+    pair::wait_status(&a, "nas-a primary", WAIT, is("primary"));
+    pair::wait_status(&b, "nas-b secondary", WAIT, is("secondary"));
+    assert!(qemu_io_writes(&a, 0x30, 32, 1 << 20), "data to discard");
+    let len = a.volume_bytes();
+    let out = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("discard 0 {len}"),
+            "-c",
+            &format!("write -z 4096 {}", len - 8192),
+            "-c",
+            "write -P 0x5a 1M 64k",
+            &a.nbd_uri(),
+        ],
+    );
+    assert!(
+        out.status.success() && !out.stdout.contains("failed") && !out.stderr.contains("error"),
+        "qemu-io: {}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    let status = a.status_json();
+    assert_eq!(
+        status["role"], "primary",
+        "the primary lives on: {status:#}"
+    );
+    assert_replicas_equal(&a, &b);
+}

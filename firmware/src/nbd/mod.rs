@@ -261,6 +261,10 @@ struct InFlight {
     may_deallocate: bool,
     /// A write's buffer while its payload is being received.
     buf: Option<IoBuf>,
+    /// Of a trim or write-zeroes: the bytes already done. Those may span the whole volume (the
+    /// kernel discards a whole device in one request), so they are carried out in pieces of
+    /// at most [`NBD_PAYLOAD_BYTES_MAX`], one after the other, and answered once.
+    done_bytes: u64,
     /// When it was admitted (for a write: when its payload was complete).
     started_at: Instant,
 }
@@ -617,6 +621,9 @@ impl Server {
     /// A volume request issued as `tag` finished.
     pub fn handle_volume_done(&mut self, tag: u64, done: VolumeDone) {
         let index = tag as usize;
+        if matches!(done, VolumeDone::Done) && self.next_piece(index) {
+            return;
+        }
         let Some(flight) = self.ios.get_mut(index).and_then(Option::take) else {
             log::error!("nbd: completion for a request not in flight (tag={tag})");
             return;
@@ -677,6 +684,30 @@ impl Server {
     }
 
     // ---- internals -----------------------------------------------------------------------
+
+    /// A piece of a large trim or write-zeroes at `index` is done: issues the next one, if
+    /// any is left and the client is still there. Returns whether it did.
+    fn next_piece(&mut self, index: usize) -> bool {
+        let Some(flight) = self.ios.get_mut(index).and_then(Option::as_mut) else {
+            return false;
+        };
+        if !matches!(flight.kind, IoKind::Trim | IoKind::WriteZeroes) {
+            return false;
+        }
+        let left = u64::from(flight.length) - flight.done_bytes;
+        let piece = left.min(u64::from(NBD_PAYLOAD_BYTES_MAX));
+        if piece == left {
+            return false;
+        }
+        flight.done_bytes += piece;
+        let conn = flight.conn;
+        let alive = matches!(self.session_mut(conn), Some(s) if !s.is_closing && !s.is_gone);
+        if !alive {
+            return false;
+        }
+        self.issue(index);
+        true
+    }
 
     fn session_mut(&mut self, conn: ConnId) -> Option<&mut Session> {
         self.sessions
@@ -1208,6 +1239,7 @@ impl Server {
             fua,
             may_deallocate: request.flags & command_flags::NO_HOLE == 0,
             buf,
+            done_bytes: 0,
             started_at: self.now,
         };
         let io = self.new_io(flight);
@@ -1227,7 +1259,13 @@ impl Server {
             unreachable!("issue of a free slot")
         };
         flight.started_at = now;
-        let (offset, len, fua) = (flight.offset, u64::from(flight.length), flight.fua);
+        let (offset, len, fua) = if matches!(flight.kind, IoKind::Trim | IoKind::WriteZeroes) {
+            let left = u64::from(flight.length) - flight.done_bytes;
+            let piece = left.min(u64::from(NBD_PAYLOAD_BYTES_MAX));
+            (flight.offset + flight.done_bytes, piece, flight.fua)
+        } else {
+            (flight.offset, u64::from(flight.length), flight.fua)
+        };
         let request = match flight.kind {
             IoKind::Read => {
                 let Some(buf) = flight.buf.take() else {

@@ -1800,3 +1800,37 @@ fn an_attached_session_exists_only_while_serving() {
     assert_eq!(h.close_count(conn), 1);
     assert!(h.server.handle_attached(Instant::from_millis(1)).is_none());
 }
+
+/// A trim larger than any one volume request (the kernel discards a whole device at once) is
+/// carried out in pieces of at most NBD_PAYLOAD_BYTES_MAX, in order, and answered once.
+#[test]
+fn a_huge_trim_is_carried_out_in_pieces_and_answered_once() {
+    let size = 3 * u64::from(NBD_PAYLOAD_BYTES_MAX) + 4096;
+    let mut h = Harness::new(size);
+    let conn = h.transmission(false, false);
+    h.feed_all(conn, &req(command::TRIM, 0, 5, 4096, (size - 4096) as u32));
+    let mut pieces = Vec::new();
+    while !h.pending.is_empty() {
+        assert_eq!(h.pending.len(), 1, "one piece at a time");
+        let VolumeRequest::Trim { offset, len, .. } = h.pending[0].1 else {
+            panic!("a trim piece: {:?}", h.issued);
+        };
+        assert!(len <= u64::from(NBD_PAYLOAD_BYTES_MAX));
+        pieces.push((offset, len));
+        assert!(
+            h.replies(conn).is_empty(),
+            "no answer before the last piece"
+        );
+        h.complete(0);
+    }
+    assert_eq!(pieces.len(), 3, "{pieces:?}");
+    let mut next = 4096;
+    for (offset, len) in &pieces {
+        assert_eq!(*offset, next, "pieces follow each other: {pieces:?}");
+        next += len;
+    }
+    assert_eq!(next, size);
+    let replies = h.replies(conn);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!((replies[0].cookie(), replies[0].simple_error()), (5, 0));
+}

@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use tandem_board::{IoBuf, LinuxDisk, SerialError, SerialPort, TerminationSignals, Watchdog};
 
 /// The serial console's speed: 115200 8N1, what a USB-serial cable and a terminal expect.
-const CONSOLE_BAUD: u32 = 115_200;
+pub(crate) const CONSOLE_BAUD: u32 = 115_200;
 
 /// Why `tandem run` could not start; each maps to an exit status (INTERFACE.md).
 #[derive(Debug)]
@@ -232,6 +232,12 @@ struct ControlClient {
 /// The clock the runtime reads: CLOCK_BOOTTIME in milliseconds, which keeps counting through
 /// any stall or suspend of the board, so a lease checked on it expires while the board sleeps
 /// (DESIGN.md §4 rule 1).
+/// Whether the kernel command line carries `tandem.test=1` (never in a shipped loader entry).
+fn booted_for_tests() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|line| line.split_whitespace().any(|w| w == "tandem.test=1"))
+}
+
 fn now() -> Instant {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     let ms = (ts.tv_sec as u64).saturating_mul(1000) + (ts.tv_nsec as u64) / 1_000_000;
@@ -239,7 +245,7 @@ fn now() -> Instant {
 }
 
 /// `N` random bytes from the kernel.
-fn random_bytes<const N: usize>() -> rustix::io::Result<[u8; N]> {
+pub(crate) fn random_bytes<const N: usize>() -> rustix::io::Result<[u8; N]> {
     let mut bytes = [0u8; N];
     let mut filled = 0;
     while filled < N {
@@ -291,7 +297,7 @@ pub fn init(config: &Config, force: bool) -> Result<volume::OpenVolume, StartErr
 
 /// Binds a unix listener at `path`. A socket file left by a dead process is replaced; one that
 /// a live process answers on is not.
-fn bind_unix(path: &Path, what: &str) -> Result<UnixListener, StartError> {
+pub(crate) fn bind_unix(path: &Path, what: &str) -> Result<UnixListener, StartError> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -357,7 +363,7 @@ struct SerialConsole {
 
 /// Takes a `--json` word out of a command line, wherever it stands (`status --json` on the
 /// console, `--json status` from `tandem ctl`).
-fn split_json_flag(line: &str) -> (bool, String) {
+pub(crate) fn split_json_flag(line: &str) -> (bool, String) {
     let mut json = false;
     let words: Vec<&str> = line
         .split_whitespace()
@@ -465,6 +471,8 @@ pub struct Runtime {
     kernel: Option<attach::KernelVolume>,
     /// A clean stop waits for the kernel's filesystem to be unmounted, until this deadline.
     stopping: Option<Instant>,
+    /// The board was booted with `tandem.test=1` on the kernel command line: `freeze` works.
+    test_mode: bool,
     /// The last time the disk completed anything, or had nothing outstanding.
     disk_progress: Instant,
     /// How long the last turn of the loop took.
@@ -604,6 +612,7 @@ impl Runtime {
                 config.volume.mount.as_deref(),
             ),
             stopping: None,
+            test_mode: booted_for_tests(),
             disk_progress: now(),
             last_turn_ms: 0,
             logged_role: node_role,
@@ -1613,6 +1622,9 @@ impl Runtime {
     /// Runs one console command, from `ctl` or the serial console. The runtime answers what only
     /// it knows (recent events, the running configuration); the node answers the rest.
     fn execute(&mut self, line: &str, json: bool) -> CommandReply {
+        if self.test_mode && line.trim() == "freeze" {
+            self.freeze();
+        }
         match console::parse(line) {
             Ok(Command::Events) => {
                 let events = logger::recent_events();
@@ -1639,6 +1651,17 @@ impl Runtime {
                 }
             }
             _ => self.node.handle_command(line, json),
+        }
+    }
+
+    /// `freeze`, only on a board booted with `tandem.test=1`: the event loop stops for good, as
+    /// a hung daemon's would. Nothing is answered or petted again; the watchdog resets the
+    /// board and the peer takes over.
+    fn freeze(&mut self) -> ! {
+        log::warn!("freeze (test mode): the event loop stops here; the watchdog resets the board");
+        self.flush_serial_log();
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
         }
     }
 
