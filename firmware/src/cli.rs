@@ -1,4 +1,4 @@
-//! The `tandem` command line: `run`, `init`, `ctl`, `check-config`, `demo`.
+//! The `tandem` command line: `run`, `init`, `ctl`, `check-config`, `setup`, `demo`.
 
 use crate::config::{self, Config, LoadError};
 use crate::exit;
@@ -19,6 +19,8 @@ commands:
   ctl --socket PATH [--json] [--yes] COMMAND...
                                          send one console command to a running node
   check-config FILE                      validate a config file
+  setup --tty PATH --config-dir DIR --backing PATH [--control-socket PATH]
+                                         an unconfigured board: the setup dialog on its console
   demo                                   a local pair, a pulled plug mid-copy, failover, checksums
 
 'tandem <command> --help' describes each command.";
@@ -99,6 +101,7 @@ pub fn main(args: Vec<OsString>) -> Result<u8, Failure> {
         "init" => init(parser),
         "ctl" => ctl(parser),
         "check-config" => check_config(parser),
+        "setup" => setup(parser),
         "demo" => demo(parser),
         other => Err(usage(format!("unknown command '{other}'"), "")),
     }
@@ -322,6 +325,74 @@ fn ctl(mut parser: lexopt::Parser) -> Result<u8, Failure> {
     }
 }
 
+const SETUP_USAGE: &str = "\
+usage: tandem setup --tty PATH --config-dir DIR --backing PATH [--control-socket PATH]
+
+The unconfigured role of a freshly flashed board, while its config partition DIR holds no
+tandem.toml. On the serial console PATH (115200 8N1) 'status' reports role unconfigured and
+'setup' asks for this board's settings one question at a time (Enter takes the default,
+Ctrl-C abandons), shows the tandem.toml they make and, once confirmed, writes it into DIR
+(with cluster.key for a pair). --backing is the data disk the config names. With
+--control-socket, 'tandem ctl --socket PATH status' is answered meanwhile, and the config
+names that socket (default /run/tandem/ctl.sock).
+Exit status: 0 once the configuration is written or after SIGTERM/SIGINT, 64 bad usage,
+73 DIR is not a directory or already holds a tandem.toml, 70 the console cannot be used.";
+
+fn setup(mut parser: lexopt::Parser) -> Result<u8, Failure> {
+    let mut tty = None;
+    let mut config_dir = None;
+    let mut backing = None;
+    let mut control_socket = None;
+    while let Some(arg) = parser.next().map_err(|e| lexopt_failure(e, "setup"))? {
+        let slot = match arg {
+            Long("tty") => &mut tty,
+            Long("config-dir") => &mut config_dir,
+            Long("backing") => &mut backing,
+            Long("control-socket") => &mut control_socket,
+            Long("help") | Short('h') => {
+                println!("{SETUP_USAGE}");
+                return Ok(exit::OK);
+            }
+            other => return Err(usage(other.unexpected(), "setup")),
+        };
+        let value = parser.value().map_err(|e| lexopt_failure(e, "setup"))?;
+        *slot = Some(value.string().map_err(|e| lexopt_failure(e, "setup"))?);
+    }
+    let missing = |flag: &str| usage(format!("missing {flag}"), "setup");
+    let settings = crate::setup::SetupSettings {
+        tty: tty.ok_or_else(|| missing("--tty PATH"))?,
+        config_dir: config_dir.ok_or_else(|| missing("--config-dir DIR"))?,
+        backing: backing.ok_or_else(|| missing("--backing PATH"))?,
+        control_socket,
+    };
+    settings
+        .check()
+        .map_err(|message| usage(message, "setup"))?;
+    let dir = PathBuf::from(&settings.config_dir);
+    let cannot = |message: String| Failure {
+        code: exit::CANT_CREATE,
+        message,
+    };
+    if !dir.is_dir() {
+        return Err(cannot(format!("{} is not a directory", dir.display())));
+    }
+    // The image runs setup when the partition has no tandem.toml or an empty one; a real one
+    // is never replaced from here.
+    let config = dir.join(crate::setup::CONFIG_FILE_NAME);
+    if std::fs::metadata(&config).is_ok_and(|m| m.len() > 0) {
+        return Err(cannot(format!(
+            "{} exists: this board is configured (remove it to set the board up again)",
+            config.display()
+        )));
+    }
+    crate::logger::install("tandem", "unconfigured");
+    crate::setup::run(&settings).map_err(|e| Failure {
+        code: e.exit_code(),
+        message: e.to_string(),
+    })?;
+    Ok(exit::OK)
+}
+
 const DEMO_USAGE: &str = "\
 usage: tandem demo
 
@@ -349,4 +420,106 @@ fn demo(mut parser: lexopt::Parser) -> Result<u8, Failure> {
         return Err(usage(arg.unexpected(), "demo"));
     }
     Ok(crate::demo::run())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(args: &[&str]) -> Failure {
+        let args = args.iter().map(OsString::from).collect();
+        main(args).expect_err("a usage failure")
+    }
+
+    #[test]
+    fn setup_help_succeeds_and_bad_usage_is_one_line_with_status_64() {
+        let args = ["setup", "--help"].iter().map(OsString::from).collect();
+        assert_eq!(main(args).ok(), Some(exit::OK));
+        let cases: &[(&[&str], &str)] = &[
+            (&["setup", "--bogus"], "invalid option '--bogus'"),
+            (&["setup", "--tty"], "missing argument for option '--tty'"),
+            (
+                &["setup", "--config-dir", "/cfg", "--backing", "/dev/sda"],
+                "missing --tty PATH",
+            ),
+            (
+                &["setup", "--tty", "/dev/ttyS0", "--backing", "/dev/sda"],
+                "missing --config-dir DIR",
+            ),
+            (
+                &["setup", "--tty", "/dev/ttyS0", "--config-dir", "/cfg"],
+                "missing --backing PATH",
+            ),
+            (
+                &[
+                    "setup",
+                    "--tty",
+                    "/dev/ttyS0",
+                    "--config-dir",
+                    "cfg",
+                    "--backing",
+                    "/dev/sda",
+                ],
+                "must be an absolute path",
+            ),
+        ];
+        for (args, message) in cases {
+            let failure = failure(args);
+            assert_eq!(failure.code, exit::USAGE, "{args:?}");
+            assert!(
+                failure.message.contains(message),
+                "{args:?}: {}",
+                failure.message
+            );
+            assert!(
+                failure.message.ends_with("(see 'tandem setup --help')"),
+                "{}",
+                failure.message
+            );
+            assert!(!failure.message.contains('\n'), "{}", failure.message);
+        }
+    }
+
+    #[test]
+    fn setup_refuses_a_config_dir_that_is_missing() {
+        let failure = failure(&[
+            "setup",
+            "--tty",
+            "/dev/ttyS0",
+            "--config-dir",
+            "/nonexistent/tandem-cfg",
+            "--backing",
+            "/dev/sda",
+        ]);
+        assert_eq!(failure.code, exit::CANT_CREATE);
+        assert!(
+            failure.message.contains("is not a directory"),
+            "{}",
+            failure.message
+        );
+    }
+
+    #[test]
+    fn setup_never_replaces_a_written_config() {
+        let dir = std::env::temp_dir().join(format!("tandem-cli-setup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("tandem.toml"), "[node]\n").expect("a config");
+        let failure = failure(&[
+            "setup",
+            "--tty",
+            "/dev/ttyS0",
+            "--config-dir",
+            dir.to_str().expect("utf-8"),
+            "--backing",
+            "/dev/sda",
+        ]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(failure.code, exit::CANT_CREATE);
+        assert!(
+            failure.message.contains("this board is configured"),
+            "{}",
+            failure.message
+        );
+    }
 }

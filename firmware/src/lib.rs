@@ -10,7 +10,8 @@
 //! - **The runtime** (`runtime`): one single-threaded event loop that owns the sockets and the
 //!   disk (through `tandem_board`), feeds the core, and carries out what it asks for.
 //!
-//! Configuration (`config`) and the command line (`cli`, the `tandem` binary) sit on top.
+//! Configuration (`config`), the command line (`cli`, the `tandem` binary) and the setup dialog
+//! of an unconfigured board (`setup`) sit on top.
 #![forbid(unsafe_code)]
 
 pub mod buffer;
@@ -28,5 +29,6 @@ pub mod node;
 pub mod peer;
 pub mod replication;
 pub mod runtime;
+pub mod setup;
 pub mod time;
 pub mod wire;

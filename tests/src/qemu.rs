@@ -180,6 +180,10 @@ impl Serial {
         Serial { stream, seen }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> usize {
         self.seen.lock().expect("serial buffer").len()
     }

@@ -326,20 +326,44 @@ impl Pair {
         }
     }
 
-    /// Waits until `primary` serves with ext4 mounted and its peer is connected and up to date.
-    fn wait_in_sync(&mut self, primary: Which, deadline: Instant) {
+    /// Waits until one board serves with ext4 mounted and the other is connected and up to
+    /// date; returns the primary. Which one it is depends on the boot: a board whose LAN
+    /// carrier comes up later hands the role to the one whose uplink already works (rule 6).
+    fn wait_paired(&mut self, deadline: Instant) -> Which {
         let started = Instant::now();
-        self.board(primary.other()).shell().wait_status(
-            "the secondary is connected and up to date",
-            deadline,
-            |s| s["role"] == "secondary" && s["disk"] == "uptodate" && s["peer"] == "connected",
-        );
-        wait_serving(self.board(primary).shell(), deadline);
-        eprintln!(
-            "appliance_pair: {} primary and in sync after {:.1} s more",
-            primary.name(),
-            started.elapsed().as_secs_f64()
-        );
+        loop {
+            let a = self.a.shell().status(deadline);
+            let b = self.b.shell().status(deadline);
+            let in_sync = |p: &Value, s: &Value| {
+                p["role"] == "primary"
+                    && p["kernel"]
+                        .as_str()
+                        .is_some_and(|k| k.contains("ext4 mounted on /data"))
+                    && s["role"] == "secondary"
+                    && s["disk"] == "uptodate"
+                    && s["peer"] == "connected"
+            };
+            let primary = if in_sync(&a, &b) {
+                Some(Which::A)
+            } else if in_sync(&b, &a) {
+                Some(Which::B)
+            } else {
+                None
+            };
+            if let Some(primary) = primary {
+                eprintln!(
+                    "appliance_pair: {} primary and in sync after {:.1} s more",
+                    primary.name(),
+                    started.elapsed().as_secs_f64()
+                );
+                return primary;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pair did not settle; nas-a:\n{a:#}\nnas-b:\n{b:#}"
+            );
+            thread::sleep(Duration::from_millis(500));
+        }
     }
 }
 
@@ -394,7 +418,7 @@ fn assert_files_intact(shell: &mut Shell, expected: &BTreeMap<String, String>, d
 fn start_copying(shell: &mut Shell, deadline: Instant) {
     shell.run(
         "( i=0; while :; do dd if=/dev/urandom of=/data/f$i bs=64k count=4 conv=fsync 2>/dev/null \
-         && md5sum /data/f$i; i=$((i+1)); done ) &",
+         && md5sum /data/f$i; i=$((i+1)); done ) & true",
         deadline,
     );
 }
@@ -427,36 +451,38 @@ fn a_pair_survives_a_power_cut_and_a_frozen_daemon_with_every_file_intact() {
     let _turn = QEMU_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let deadline = Instant::now() + TEST_DEADLINE;
     let mut pair = Pair::boot("appliance-pair-failover", deadline);
-    pair.wait_in_sync(Which::A, Instant::now() + PAIRED_TIMEOUT);
+    let first = pair.wait_paired(Instant::now() + PAIRED_TIMEOUT);
+    let second = first.other();
 
-    // Copy onto A's filesystem; cut A's power once some files have completed.
-    let from = pair.a.on().shell_len();
-    start_copying(pair.a.shell(), deadline);
-    wait_copied(pair.a.on().shell_serial(), from, 12, deadline);
+    // Copy onto the primary's filesystem; cut its power once some files have completed.
+    let from = pair.board(first).on().shell_len();
+    start_copying(pair.board(first).shell(), deadline);
+    wait_copied(pair.board(first).on().shell_serial(), from, 12, deadline);
     let completed = checksums(
         &pair
-            .a
+            .board(first)
             .on()
             .shell_serial()
             .text_since(from)
             .replace('\r', ""),
     );
-    pair.a.power_cut();
+    pair.board(first).power_cut();
     let cut = Instant::now();
     eprintln!(
-        "appliance_pair: cut nas-a's power after {} completed files",
+        "appliance_pair: cut {}'s power after {} completed files",
+        first.name(),
         completed.len()
     );
 
-    let status = wait_serving(pair.b.shell(), deadline);
-    let takeover = cut.elapsed();
+    let status = wait_serving(pair.board(second).shell(), deadline);
     eprintln!(
-        "appliance_pair: nas-b primary with ext4 mounted {:.1} s after the power cut (epoch {})",
-        takeover.as_secs_f64(),
+        "appliance_pair: {} primary with ext4 mounted {:.1} s after the power cut (epoch {})",
+        second.name(),
+        cut.elapsed().as_secs_f64(),
         status["epoch"]
     );
-    assert_files_intact(pair.b.shell(), &completed, deadline);
-    let more = checksums(&pair.b.shell().run(
+    assert_files_intact(pair.board(second).shell(), &completed, deadline);
+    let more = checksums(&pair.board(second).shell().run(
         "for i in 0 1 2 3; do dd if=/dev/urandom of=/data/fb$i bs=64k count=4 conv=fsync 2>/dev/null; done; md5sum /data/fb*",
         deadline,
     ));
@@ -464,17 +490,21 @@ fn a_pair_survives_a_power_cut_and_a_frozen_daemon_with_every_file_intact() {
     let mut all = completed.clone();
     all.extend(more);
 
-    // A comes back: secondary, resynced.
+    // The first board comes back: secondary, resynced.
     let root = pair.root.path().to_path_buf();
-    pair.a.power_on(&root, deadline);
-    pair.a.wait_booted(deadline);
-    pair.wait_in_sync(Which::B, deadline.min(Instant::now() + PAIRED_TIMEOUT));
+    pair.board(first).power_on(&root, deadline);
+    pair.board(first).wait_booted(deadline);
+    let primary = pair.wait_paired(deadline.min(Instant::now() + PAIRED_TIMEOUT));
+    assert_eq!(
+        primary, second,
+        "the survivor keeps the role (failback is manual)"
+    );
 
-    // B's tandem hangs: the watchdog resets B, A takes over.
-    let console_from = pair.b.on().console.len();
-    pair.b.on().console.send(b"freeze\r");
+    // The new primary's tandem hangs: the watchdog resets its board, the other takes over.
+    let console_from = pair.board(second).on().console.len();
+    pair.board(second).on().console.send(b"freeze\r");
     let frozen = Instant::now();
-    pair.b.on().console.wait_for(
+    pair.board(second).on().console.wait_for(
         console_from,
         "tandem-init: board qemu-x86_64",
         deadline,
@@ -482,21 +512,23 @@ fn a_pair_survives_a_power_cut_and_a_frozen_daemon_with_every_file_intact() {
     );
     let reset_after = frozen.elapsed();
     eprintln!(
-        "appliance_pair: nas-b reset by its watchdog {:.1} s after tandem froze",
+        "appliance_pair: {} reset by its watchdog {:.1} s after tandem froze",
+        second.name(),
         reset_after.as_secs_f64()
     );
     assert!(
         reset_after >= Duration::from_secs(WATCHDOG_TIMEOUT_S * 3 / 4),
         "reset {reset_after:?} after the freeze: sooner than the watchdog can fire"
     );
-    wait_serving(pair.a.shell(), deadline);
+    wait_serving(pair.board(first).shell(), deadline);
     eprintln!(
-        "appliance_pair: nas-a primary again {:.1} s after the freeze",
+        "appliance_pair: {} primary again {:.1} s after the freeze",
+        first.name(),
         frozen.elapsed().as_secs_f64()
     );
-    assert_files_intact(pair.a.shell(), &all, deadline);
-    pair.b.wait_booted(deadline);
-    pair.wait_in_sync(Which::A, deadline);
+    assert_files_intact(pair.board(first).shell(), &all, deadline);
+    pair.board(second).wait_booted(deadline);
+    assert_eq!(pair.wait_paired(deadline), first);
 }
 
 impl Running {
@@ -526,10 +558,10 @@ fn cable_pulls_move_the_role_only_for_the_lan_and_the_console_answers_every_comm
     let _turn = QEMU_TURN.lock().unwrap_or_else(|e| e.into_inner());
     let deadline = Instant::now() + TEST_DEADLINE;
     let mut pair = Pair::boot("appliance-pair-cables", deadline);
-    pair.wait_in_sync(Which::A, Instant::now() + PAIRED_TIMEOUT);
-
+    let first = pair.wait_paired(Instant::now() + PAIRED_TIMEOUT);
+    let second = first.other();
     // Every console command, on the secondary's console (nothing here moves the role).
-    let b = pair.b.on();
+    let b = pair.board(second).on();
     b.console.settle(Duration::from_secs(1), deadline);
     let cases: [(&str, &str); 11] = [
         ("status", "role:secondary"),
@@ -552,47 +584,62 @@ fn cable_pulls_move_the_role_only_for_the_lan_and_the_console_answers_every_comm
     assert!(reply.contains("frobnicate"), "{reply}");
 
     // The heartbeat cable pulled: both stay where they are for well past the dead time.
-    pair.a.on().board.set_link("hb", false);
+    pair.board(first).on().board.set_link("hb", false);
     let pulled = Instant::now();
-    pair.b
+    pair.board(second)
         .shell()
         .wait_status("the heartbeat link seen down", deadline, |s| {
             s["links"]["heartbeat"] != "up"
         });
     eprintln!(
-        "appliance_pair: heartbeat pull seen by nas-b after {:.1} s",
+        "appliance_pair: heartbeat pull seen by {} after {:.1} s",
+        second.name(),
         pulled.elapsed().as_secs_f64()
     );
     thread::sleep(Duration::from_millis(3 * DEAD_TIME_MS));
-    let a = pair.a.shell().status(deadline);
-    let b = pair.b.shell().status(deadline);
-    assert_eq!(a["role"], "primary", "nas-a kept the role:\n{a:#}");
-    assert_eq!(b["role"], "secondary", "nas-b stayed secondary:\n{b:#}");
+    let a = pair.board(first).shell().status(deadline);
+    let b = pair.board(second).shell().status(deadline);
+    assert_eq!(
+        a["role"],
+        "primary",
+        "{} kept the role:\n{a:#}",
+        first.name()
+    );
+    assert_eq!(
+        b["role"],
+        "secondary",
+        "{} stayed secondary:\n{b:#}",
+        second.name()
+    );
     assert_eq!(b["peer"], "connected", "the lan carries the pair:\n{b:#}");
-    pair.a.on().board.set_link("hb", true);
-    pair.b
+    pair.board(first).on().board.set_link("hb", true);
+    pair.board(second)
         .shell()
         .wait_status("the heartbeat link back", deadline, |s| {
             s["links"]["heartbeat"] == "up"
         });
 
     // The primary's LAN pulled: its uplink is gone, the peer's works; the role moves.
-    let files = checksums(&pair.a.shell().run(
+    let files = checksums(&pair.board(first).shell().run(
         "for i in 0 1 2; do dd if=/dev/urandom of=/data/f$i bs=64k count=4 conv=fsync 2>/dev/null; done; md5sum /data/f*",
         deadline,
     ));
     assert_eq!(files.len(), 3, "{files:?}");
-    pair.a.on().board.set_link("lan", false);
+    pair.board(first).on().board.set_link("lan", false);
     let pulled = Instant::now();
-    wait_serving(pair.b.shell(), deadline);
+    wait_serving(pair.board(second).shell(), deadline);
     eprintln!(
-        "appliance_pair: nas-b primary with ext4 mounted {:.1} s after nas-a's LAN was pulled",
-        pulled.elapsed().as_secs_f64()
+        "appliance_pair: {} primary with ext4 mounted {:.1} s after {}'s LAN was pulled",
+        second.name(),
+        pulled.elapsed().as_secs_f64(),
+        first.name()
     );
-    pair.a
+    pair.board(first)
         .shell()
-        .wait_status("nas-a steps down", deadline, |s| s["role"] == "secondary");
-    assert_files_intact(pair.b.shell(), &files, deadline);
+        .wait_status("the old primary steps down", deadline, |s| {
+            s["role"] == "secondary"
+        });
+    assert_files_intact(pair.board(second).shell(), &files, deadline);
     let a = pair
         .a
         .shell()

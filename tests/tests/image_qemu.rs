@@ -11,10 +11,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use tandem_tests::qemu::{self, image_path, prerequisites, Board, Nics, QEMU_TURN};
+use tandem_tests::qemu::{self, image_path, prerequisites, Board, Nics, Serial, QEMU_TURN};
 use tandem_tests::{create_sparse_file, run_with_timeout, TempDir};
 
 /// A whole test: boot, console, commands. Boot-to-prompt measured ~25 s on 2 cores under TCG.
@@ -211,8 +210,11 @@ fn the_test_flag_gives_a_root_shell_on_the_second_serial_port() {
     board.assert_running();
 }
 
+/// A freshly flashed board (an empty config partition) answers `status` with role
+/// `unconfigured` and offers the setup dialog on its console; the dialog writes the config onto
+/// TANDEMCFG, the board restarts, and tandem runs as the node the operator described.
 #[test]
-fn a_fresh_image_comes_up_unconfigured_and_stays_up() {
+fn a_fresh_image_is_set_up_from_its_console() {
     if !prerequisites() {
         return;
     }
@@ -221,21 +223,60 @@ fn a_fresh_image_comes_up_unconfigured_and_stays_up() {
     let disk = prepare_disk(&dir, false, false);
     let deadline = Instant::now() + TEST_DEADLINE;
     let mut board = start_board(dir.path(), &disk);
-    let console = board.serial("ttyS0.sock", deadline);
-    let unconfigured = console.wait_for(0, "UNCONFIGURED", deadline, "a fresh board says so");
-    // It idles: no reboot loop, no tandem, no shell.
-    thread::sleep(Duration::from_secs(3));
+    let mut console = board.serial("ttyS0.sock", deadline);
+    let prompt = "tandem(unconfigured)> ";
+    console.wait_for(0, "not configured", deadline, "a fresh board says so");
+    console.wait_for(0, prompt, deadline, "the unconfigured prompt");
+    console.settle(Duration::from_secs(1), deadline);
     board.assert_running();
-    let log = console.text_since(0);
-    assert_eq!(
-        log.matches("tandem-init: board qemu-x86_64").count(),
-        1,
-        "the board booted more than once:\n{log}"
+
+    let status = console.command("status", "role:", prompt, deadline);
+    assert!(status.contains("role:unconfigured"), "{status}");
+    let json = console.command("status --json", "\"role\"", prompt, deadline);
+    let json = &json[json.find('{').expect("JSON")..=json.rfind('}').expect("JSON")];
+    let json: serde_json::Value =
+        serde_json::from_str(&json.replace(['\r', '\n'], "")).expect("status --json parses");
+    assert_eq!(json["role"], "unconfigured", "{json}");
+    assert_eq!(json["auto_failover"], false, "{json}");
+
+    // The dialog: a standalone board named nas-q; a bad name is asked again.
+    let answer = |console: &mut Serial, text: &str, next: &str| {
+        let from = console.len();
+        console.send(text.as_bytes());
+        console.send(b"\r");
+        console.wait_for(from, next, deadline, text);
+    };
+    answer(&mut console, "setup", "node name [nas-a]: ");
+    answer(&mut console, "no spaces allowed", "node name [nas-a]: ");
+    answer(&mut console, NODE, "peer name [none]: ");
+    answer(&mut console, "", "[yes/no]: ");
+    let from = console.len();
+    answer(&mut console, "yes", "configuration written");
+    console.wait_for(
+        from,
+        "tandem-init: board qemu-x86_64",
+        deadline,
+        "the board restarts after the setup",
     );
-    let after = console.text_since(unconfigured);
+    let node_prompt = format!("{NODE}(standalone)> ");
+    console.wait_for(
+        from,
+        &node_prompt,
+        deadline,
+        "tandem runs with the new config",
+    );
+    console.settle(Duration::from_secs(1), deadline);
+    let status = console.command("status", "role:", &node_prompt, deadline);
     assert!(
-        !after.contains("starting tandem") && !after.contains("rebooting"),
-        "an unconfigured board starts nothing:\n{log}"
+        status.contains(&format!("{NODE} role:standalone")),
+        "the configured node runs:\n{status}"
+    );
+    drop(board);
+    let cfg = qemu::partition_offset(&disk, "tandemcfg");
+    let files = qemu::mdir(&disk, cfg, "");
+    assert!(
+        files.iter().any(|f| f == "tandem.toml"),
+        "the config is on TANDEMCFG: {files:?}"
     );
 }
 

@@ -59,7 +59,8 @@ const ERASE_TO_END: &[u8] = b"\x1b[K";
 /// What one input byte (or a run of them) completed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LineEvent {
-    /// Enter on a line that is not blank: the line as typed (printable ASCII only).
+    /// Enter on a line that is not blank: the line as typed (printable ASCII only). After
+    /// [`LineEditor::set_blank_lines`], Enter on a blank line too, as an empty string.
     Line(String),
     /// Ctrl-C: the line was abandoned.
     Cancelled,
@@ -135,6 +136,8 @@ pub struct LineEditor {
     escape_bytes: [u8; ESCAPE_BYTES_MAX],
     /// The previous byte was `\r`, so a `\n` right after it belongs to the same Enter.
     after_cr: bool,
+    /// Enter on a blank line yields an empty [`LineEvent::Line`] (see [`Self::set_blank_lines`]).
+    blank_lines: bool,
 }
 
 impl std::fmt::Debug for LineEditor {
@@ -166,6 +169,7 @@ impl LineEditor {
             escape_len: 0,
             escape_bytes: [0; ESCAPE_BYTES_MAX],
             after_cr: false,
+            blank_lines: false,
         };
         editor.set_prompt(prompt);
         editor
@@ -185,6 +189,13 @@ impl LineEditor {
                     .take(CONSOLE_PROMPT_BYTES_MAX)
                     .collect()
             };
+    }
+
+    /// With `true`, Enter on a blank line completes it as an empty [`LineEvent::Line`] instead of
+    /// nothing: a dialog whose questions have defaults takes Enter as "the default". Blank lines
+    /// still stay out of the history.
+    pub fn set_blank_lines(&mut self, on: bool) {
+        self.blank_lines = on;
     }
 
     /// The prompt as drawn.
@@ -360,7 +371,11 @@ impl LineEditor {
     fn complete(&mut self, echo: &mut Vec<u8>) -> LineEvent {
         echo.extend_from_slice(b"\r\n");
         let event = if self.line.as_slice().iter().all(|b| *b == b' ') {
-            LineEvent::Nothing
+            if self.blank_lines {
+                LineEvent::Line(String::new())
+            } else {
+                LineEvent::Nothing
+            }
         } else {
             self.remember();
             LineEvent::Line(self.input().to_string())
@@ -626,6 +641,21 @@ mod tests {
         let (events, echo) = type_in(&mut editor, b"   \r");
         assert!(events.is_empty());
         assert_eq!(echo, format!("   \r\n{PROMPT}"));
+    }
+
+    #[test]
+    fn enter_on_a_blank_line_yields_an_empty_line_when_asked_and_skips_the_history() {
+        let mut editor = editor();
+        editor.set_blank_lines(true);
+        let (events, echo) = type_in(&mut editor, b"status\r  \r\r\n");
+        assert_eq!(events, vec![line("status"), line(""), line("")]);
+        assert!(
+            echo.ends_with(&format!("  \r\n{PROMPT}\r\n{PROMPT}")),
+            "{echo:?}"
+        );
+        // Up recalls the last line that was not blank.
+        type_in(&mut editor, b"\x1b[A");
+        assert_eq!(editor.input(), "status");
     }
 
     #[test]
