@@ -321,9 +321,9 @@ fn a_frozen_tandem_is_reset_by_the_watchdog() {
     let frozen = Instant::now();
     console.wait_for(
         frozen_at,
-        "tandem-init: board qemu-x86_64",
+        "BdsDxe: loading",
         deadline,
-        "the watchdog reset the board and it booted again",
+        "the watchdog reset the board",
     );
     let after = frozen.elapsed();
     eprintln!(

@@ -24,6 +24,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, BorrowedFd};
 use tandem_board::net::{self, ArpSocket, LinkWatch};
 
+/// A lan port with no carrier at start is not yet "down": NICs negotiate their link for a few
+/// seconds after they are set up (an e1000e under TCG, about 3 s). Until the carrier has been up
+/// once or this much time has passed, the uplink is unknown, so a primary that boots a moment
+/// before its link is up does not hand its role to the peer (rule 6) only to get it back.
+const CARRIER_SETTLE_MS: u64 = 10_000;
+
 /// What the LAN told the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ClusterEvent {
@@ -61,6 +67,8 @@ pub(super) struct ClusterNet {
     watch: Option<LinkWatch>,
     arp: Option<ArpSocket>,
     carrier: bool,
+    /// Until the carrier has been up once: when the wait for it ends ([`CARRIER_SETTLE_MS`]).
+    carrier_settles: Option<Instant>,
     gateway_heard: Option<Instant>,
     /// Gateway probes sent since its last answer.
     gateway_unanswered: u32,
@@ -131,6 +139,7 @@ impl ClusterNet {
             watch,
             arp,
             carrier,
+            carrier_settles: (!carrier).then(|| now.plus_millis(CARRIER_SETTLE_MS)),
             gateway_heard: None,
             gateway_unanswered: 0,
             next_gateway_probe: now,
@@ -173,7 +182,10 @@ impl ClusterNet {
     /// The uplink now.
     pub(super) fn uplink(&self, now: Instant) -> UplinkHealth {
         if !self.carrier {
-            return UplinkHealth::Down;
+            return match self.carrier_settles {
+                Some(settles) if now < settles => UplinkHealth::Unknown,
+                _ => UplinkHealth::Down,
+            };
         }
         if self.gateway.is_none() {
             return UplinkHealth::Healthy;
@@ -199,7 +211,7 @@ impl ClusterNet {
         let silence = self
             .gateway_heard
             .map(|t| t.plus_millis(GATEWAY_SILENCE_MS));
-        [gateway, probe, announce, silence]
+        [gateway, probe, announce, silence, self.carrier_settles]
             .into_iter()
             .flatten()
             .min()
@@ -220,6 +232,9 @@ impl ClusterNet {
                 self.gateway_unanswered = self.gateway_unanswered.saturating_add(1);
                 self.next_gateway_probe = now.plus_millis(GATEWAY_PROBE_INTERVAL_MS);
             }
+        }
+        if self.carrier_settles.is_some_and(|settles| now >= settles) {
+            self.carrier_settles = None;
         }
         self.step_probe(now);
         self.step_announce(now);
@@ -298,6 +313,9 @@ impl ClusterNet {
                     self.ifname
                 );
                 self.carrier = carrier;
+                if carrier {
+                    self.carrier_settles = None;
+                }
             }
         }
         self.report_uplink(now);
