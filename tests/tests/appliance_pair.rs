@@ -578,7 +578,7 @@ fn cable_pulls_move_the_role_only_for_the_lan_and_the_console_answers_every_comm
     // Every console command, on the secondary's console (nothing here moves the role).
     let b = pair.board(second).on();
     b.console.settle(Duration::from_secs(1), deadline);
-    let cases: [(&str, &str); 11] = [
+    let cases: [(&str, &str); 13] = [
         ("status", "role:secondary"),
         ("status --json", "\"role\""),
         ("help", "this list"),
@@ -587,8 +587,11 @@ fn cable_pulls_move_the_role_only_for_the_lan_and_the_console_answers_every_comm
         ("config", "[peer]"),
         ("maintenance on", "maintenance"),
         ("maintenance off", "maintenance"),
-        ("promote --force", "refused"),
-        ("resolve-split-brain --keep nas-b", "split"),
+        // The serial console asks before a command that moves the role or discards data.
+        ("promote --force", "Type 'yes'"),
+        ("yes", "refused while the peer is connected"),
+        ("resolve-split-brain --keep nas-b", "Type 'yes'"),
+        ("yes", "no split brain"),
         ("verify", "verify"),
     ];
     for (line, expect) in cases {
