@@ -70,6 +70,10 @@ pub(super) struct ClusterNet {
     /// Until the carrier has been up once: when the wait for it ends ([`CARRIER_SETTLE_MS`]).
     carrier_settles: Option<Instant>,
     gateway_heard: Option<Instant>,
+    /// How long the gateway may stay silent before the uplink is down: GATEWAY_SILENCE_MS, or a
+    /// quarter of the dead time when that is longer (the slow timing profile of emulated
+    /// boards, whose emulated NICs deliver answers late under load).
+    gateway_silence_ms: u64,
     /// Gateway probes sent since its last answer.
     gateway_unanswered: u32,
     next_gateway_probe: Instant,
@@ -141,6 +145,7 @@ impl ClusterNet {
             carrier,
             carrier_settles: (!carrier).then(|| now.plus_millis(CARRIER_SETTLE_MS)),
             gateway_heard: None,
+            gateway_silence_ms: GATEWAY_SILENCE_MS.max(u64::from(config.cluster.dead_time_ms) / 4),
             gateway_unanswered: 0,
             next_gateway_probe: now,
             reported: None,
@@ -192,7 +197,9 @@ impl ClusterNet {
         }
         let silent = self.gateway_unanswered >= GATEWAY_UNANSWERED_MIN;
         match self.gateway_heard {
-            Some(t) if now.millis_since(t) < GATEWAY_SILENCE_MS || !silent => UplinkHealth::Healthy,
+            Some(t) if now.millis_since(t) < self.gateway_silence_ms || !silent => {
+                UplinkHealth::Healthy
+            }
             // Not heard since start: unknown until the first answer or the silence.
             None if !silent => UplinkHealth::Unknown,
             _ => UplinkHealth::Down,
@@ -210,7 +217,7 @@ impl ClusterNet {
         });
         let silence = self
             .gateway_heard
-            .map(|t| t.plus_millis(GATEWAY_SILENCE_MS));
+            .map(|t| t.plus_millis(self.gateway_silence_ms));
         [gateway, probe, announce, silence, self.carrier_settles]
             .into_iter()
             .flatten()
