@@ -11,9 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
-use crate::net::{
-    next_sequence, read_u16, Attributes, Request, RouteSocket, NLA_HEADER_LEN, NLM_F_ACK,
-};
+use crate::net::{next_sequence, read_u16, Attributes, NetlinkSocket, Request, NLM_F_ACK};
 
 // include/uapi/linux/genetlink.h
 const GENL_ID_CTRL: u16 = 0x10;
@@ -21,7 +19,6 @@ const GENL_HEADER_LEN: usize = 4;
 const CTRL_CMD_GETFAMILY: u8 = 3;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
 const CTRL_ATTR_FAMILY_NAME: u16 = 2;
-const NLA_F_NESTED: u16 = 0x8000;
 
 // include/uapi/linux/nbd-netlink.h
 const NBD_GENL_FAMILY_NAME: &[u8] = b"nbd\0";
@@ -59,7 +56,7 @@ fn genl_header(command: u8, version: u8) -> [u8; GENL_HEADER_LEN] {
 }
 
 /// The number the kernel gave the nbd family on this boot.
-fn nbd_family(socket: &RouteSocket) -> io::Result<u16> {
+fn nbd_family(socket: &NetlinkSocket) -> io::Result<u16> {
     let mut request = Request::new(GENL_ID_CTRL, 0, next_sequence());
     request.push(&genl_header(CTRL_CMD_GETFAMILY, 1));
     request.push_attribute(CTRL_ATTR_FAMILY_NAME, NBD_GENL_FAMILY_NAME);
@@ -111,28 +108,19 @@ fn connect_request(family: u16, attachment: &Attachment, fd: i32) -> Request {
         &u64::from(attachment.transmission_flags).to_ne_bytes(),
     );
     // [NBD_ATTR_SOCKETS [NBD_SOCK_ITEM [NBD_SOCK_FD fd]]]
-    let fd_attribute = nested_attribute(NBD_SOCK_FD, &fd.to_ne_bytes());
-    let item = nested_attribute(NBD_SOCK_ITEM | NLA_F_NESTED, &fd_attribute);
-    request.push_attribute(NBD_ATTR_SOCKETS | NLA_F_NESTED, &item);
+    request.push_nested(NBD_ATTR_SOCKETS, |sockets| {
+        sockets.push_nested(NBD_SOCK_ITEM, |item| {
+            item.push_attribute(NBD_SOCK_FD, &fd.to_ne_bytes());
+        });
+    });
     request
-}
-
-/// One attribute as bytes, to nest inside another.
-fn nested_attribute(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let len = NLA_HEADER_LEN + payload.len();
-    let mut bytes = Vec::with_capacity(crate::net::align4(len));
-    bytes.extend_from_slice(&u16::try_from(len).unwrap_or(u16::MAX).to_ne_bytes());
-    bytes.extend_from_slice(&kind.to_ne_bytes());
-    bytes.extend_from_slice(payload);
-    bytes.resize(crate::net::align4(len), 0);
-    bytes
 }
 
 /// Attaches the connected stream socket `socket` to `/dev/nbdN`: from now on the kernel sends
 /// NBD requests on it. The kernel takes its own reference; the caller may close its copy.
 /// `EBUSY` means the device is already attached.
 pub fn connect(attachment: &Attachment, socket: BorrowedFd<'_>) -> io::Result<()> {
-    let netlink = RouteSocket::open_generic()?;
+    let netlink = NetlinkSocket::open_generic()?;
     let family = nbd_family(&netlink)?;
     let request = connect_request(family, attachment, socket.as_raw_fd());
     netlink.acknowledged(&request)
@@ -140,7 +128,7 @@ pub fn connect(attachment: &Attachment, socket: BorrowedFd<'_>) -> io::Result<()
 
 /// Detaches `/dev/nbdN`: requests still queued fail, the device reads as empty.
 pub fn disconnect(index: u32) -> io::Result<()> {
-    let netlink = RouteSocket::open_generic()?;
+    let netlink = NetlinkSocket::open_generic()?;
     let family = nbd_family(&netlink)?;
     let mut request = Request::new(family, NLM_F_ACK, next_sequence());
     request.push(&genl_header(NBD_CMD_DISCONNECT, NBD_GENL_VERSION));
@@ -151,6 +139,9 @@ pub fn disconnect(index: u32) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NLA_F_NESTED, as the kernel expects it on a nested attribute's type.
+    const NESTED: u16 = 0x8000;
 
     fn attribute_at(bytes: &[u8], at: usize) -> (u16, u16) {
         let len = u16::from_ne_bytes([bytes[at], bytes[at + 1]]);
@@ -181,8 +172,8 @@ mod tests {
         assert_eq!(bytes[16], NBD_CMD_CONNECT);
         // The sockets attribute is last: header, item header, fd header, fd.
         let tail = &bytes[bytes.len() - 16..];
-        assert_eq!(attribute_at(tail, 0), (16, NBD_ATTR_SOCKETS | NLA_F_NESTED));
-        assert_eq!(attribute_at(tail, 4), (12, NBD_SOCK_ITEM | NLA_F_NESTED));
+        assert_eq!(attribute_at(tail, 0), (16, NBD_ATTR_SOCKETS | NESTED));
+        assert_eq!(attribute_at(tail, 4), (12, NBD_SOCK_ITEM | NESTED));
         assert_eq!(attribute_at(tail, 8), (8, NBD_SOCK_FD));
         assert_eq!(i32::from_ne_bytes(tail[12..16].try_into().unwrap()), 7);
         // The index comes first, right after the generic header.

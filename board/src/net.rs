@@ -36,9 +36,10 @@ const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
-pub(crate) const NLA_HEADER_LEN: usize = 4;
+const NLA_HEADER_LEN: usize = 4;
 /// Attribute types carry two flag bits (NLA_F_NESTED, NLA_F_NET_BYTEORDER) above the type.
 const NLA_TYPE_MASK: u16 = 0x3fff;
+const NLA_F_NESTED: u16 = 0x8000;
 
 // include/uapi/linux/rtnetlink.h
 const RTM_NEWLINK: u16 = 16;
@@ -107,12 +108,12 @@ pub(crate) fn next_sequence() -> u32 {
 /// The index of the interface called `name`.
 pub fn interface_index(name: &str) -> io::Result<u32> {
     check_interface_name(name)?;
-    RouteSocket::open()?.query_link(LinkKey::Name(name), |link| link.ifindex)
+    NetlinkSocket::open()?.query_link(LinkKey::Name(name), |link| link.ifindex)
 }
 
 /// The interface (name and index) that holds the local IPv4 address `ip`, if any does.
 pub fn interface_for_address(ip: Ipv4Addr) -> io::Result<Option<(String, u32)>> {
-    let socket = RouteSocket::open()?;
+    let socket = NetlinkSocket::open()?;
     let Some(entry) = socket.find_ipv4_address(|entry| entry.local == ip)? else {
         return Ok(None);
     };
@@ -131,7 +132,7 @@ pub fn interface_for_address(ip: Ipv4Addr) -> io::Result<Option<(String, u32)>> 
 /// The Ethernet (6-byte hardware) address of interface `ifindex`; an error for an interface
 /// without one (a tunnel, for instance).
 pub fn interface_mac(ifindex: u32) -> io::Result<[u8; 6]> {
-    let mac = RouteSocket::open()?.query_link(LinkKey::Index(ifindex), |link| {
+    let mac = NetlinkSocket::open()?.query_link(LinkKey::Index(ifindex), |link| {
         link.mac.and_then(|mac| <[u8; 6]>::try_from(mac).ok())
     })?;
     mac.ok_or_else(|| {
@@ -154,7 +155,7 @@ pub fn add_address(ifindex: u32, addr: Ipv4Addr, prefix_len: u8) -> io::Result<(
         addr,
         prefix_len,
     );
-    match RouteSocket::open()?.acknowledged(&request) {
+    match NetlinkSocket::open()?.acknowledged(&request) {
         Err(error) if error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         result => result,
     }
@@ -166,7 +167,7 @@ pub fn add_address(ifindex: u32, addr: Ipv4Addr, prefix_len: u8) -> io::Result<(
 pub fn remove_address(ifindex: u32, addr: Ipv4Addr, prefix_len: u8) -> io::Result<bool> {
     check_prefix_len(prefix_len)?;
     let request = address_request(RTM_DELADDR, 0, next_sequence(), ifindex, addr, prefix_len);
-    match RouteSocket::open()?.acknowledged(&request) {
+    match NetlinkSocket::open()?.acknowledged(&request) {
         Ok(()) => Ok(true),
         Err(error) if error.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
         Err(error) => Err(error),
@@ -175,7 +176,7 @@ pub fn remove_address(ifindex: u32, addr: Ipv4Addr, prefix_len: u8) -> io::Resul
 
 /// Whether interface `ifindex` holds the local IPv4 address `addr` (with any prefix length).
 pub fn has_address(ifindex: u32, addr: Ipv4Addr) -> io::Result<bool> {
-    let found = RouteSocket::open()?
+    let found = NetlinkSocket::open()?
         .find_ipv4_address(|entry| entry.ifindex == ifindex && entry.local == addr)?;
     Ok(found.is_some())
 }
@@ -221,7 +222,7 @@ pub struct LinkWatch {
     /// Subscribed to RTNLGRP_LINK; non-blocking, for epoll.
     notifications: OwnedFd,
     /// For [`LinkWatch::carrier_now`], in the same namespace as the notifications.
-    queries: RouteSocket,
+    queries: NetlinkSocket,
     ifindex: u32,
     datagram: Box<[u8]>,
 }
@@ -231,11 +232,11 @@ impl LinkWatch {
     /// [`LinkWatch::carrier_now`] after opening: a change after that is seen by
     /// [`LinkWatch::drain`], because the subscription came first.
     pub fn open(ifindex: u32) -> io::Result<LinkWatch> {
-        let notifications = netlink_socket(SocketFlags::NONBLOCK)?;
+        let notifications = netlink_socket(SocketFlags::NONBLOCK, None)?;
         rustix::net::bind(&notifications, &SocketAddrNetlink::new(0, RTMGRP_LINK))?;
         let watch = LinkWatch {
             notifications,
-            queries: RouteSocket::open()?,
+            queries: NetlinkSocket::open()?,
             ifindex,
             datagram: vec![0; NETLINK_DATAGRAM_SIZE_MAX].into_boxed_slice(),
         };
@@ -330,7 +331,7 @@ fn carrier_in_notification(message: &Message<'_>, ifindex: u32) -> Option<bool> 
 /// A blocking netlink socket for one request at a time (NETLINK_ROUTE, or NETLINK_GENERIC for
 /// the nbd family).
 #[derive(Debug)]
-pub(crate) struct RouteSocket {
+pub(crate) struct NetlinkSocket {
     fd: OwnedFd,
 }
 
@@ -341,12 +342,8 @@ enum LinkKey<'a> {
     Name(&'a str),
 }
 
-fn netlink_socket(flags: SocketFlags) -> io::Result<OwnedFd> {
-    // NETLINK_ROUTE is protocol 0, which rustix spells None.
-    netlink_socket_of(flags, None)
-}
-
-fn netlink_socket_of(
+/// A netlink socket of `protocol`: None is NETLINK_ROUTE (protocol 0, which rustix spells None).
+fn netlink_socket(
     flags: SocketFlags,
     protocol: Option<rustix::net::Protocol>,
 ) -> io::Result<OwnedFd> {
@@ -359,24 +356,24 @@ fn netlink_socket_of(
     Ok(fd)
 }
 
-impl RouteSocket {
-    fn open() -> io::Result<RouteSocket> {
-        RouteSocket::open_protocol(None)
+impl NetlinkSocket {
+    fn open() -> io::Result<NetlinkSocket> {
+        NetlinkSocket::open_protocol(None)
     }
 
     /// A NETLINK_GENERIC socket (generic netlink families such as nbd).
-    pub(crate) fn open_generic() -> io::Result<RouteSocket> {
-        RouteSocket::open_protocol(Some(rustix::net::netlink::GENERIC))
+    pub(crate) fn open_generic() -> io::Result<NetlinkSocket> {
+        NetlinkSocket::open_protocol(Some(rustix::net::netlink::GENERIC))
     }
 
-    fn open_protocol(protocol: Option<rustix::net::Protocol>) -> io::Result<RouteSocket> {
-        let fd = netlink_socket_of(SocketFlags::empty(), protocol)?;
+    fn open_protocol(protocol: Option<rustix::net::Protocol>) -> io::Result<NetlinkSocket> {
+        let fd = netlink_socket(SocketFlags::empty(), protocol)?;
         rustix::net::sockopt::set_socket_timeout(
             &fd,
             rustix::net::sockopt::Timeout::Recv,
             Some(NETLINK_REPLY_TIMEOUT),
         )?;
-        Ok(RouteSocket { fd })
+        Ok(NetlinkSocket { fd })
     }
 
     /// Sends a request that asked for an acknowledgement; Ok when the kernel acknowledged, the
@@ -569,6 +566,17 @@ impl Request {
         self.push(payload);
     }
 
+    /// Appends a nested attribute (NLA_F_NESTED) whose payload `inner` pushes: attributes of
+    /// its own, which may nest again.
+    pub(crate) fn push_nested(&mut self, kind: u16, inner: impl FnOnce(&mut Request)) {
+        let start = self.len;
+        self.push(&[0; NLA_HEADER_LEN]);
+        inner(self);
+        let len = u16::try_from(self.len - start).unwrap_or(u16::MAX);
+        self.bytes[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+        self.bytes[start + 2..start + 4].copy_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+    }
+
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
@@ -582,7 +590,7 @@ impl Request {
     }
 }
 
-pub(crate) fn align4(len: usize) -> usize {
+fn align4(len: usize) -> usize {
     (len + 3) & !3
 }
 

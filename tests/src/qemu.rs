@@ -257,7 +257,6 @@ impl Serial {
 pub struct Board {
     child: Child,
     dir: PathBuf,
-    qmp_commands: u32,
 }
 
 impl Board {
@@ -338,7 +337,6 @@ impl Board {
         Board {
             child,
             dir: dir.to_path_buf(),
-            qmp_commands: 0,
         }
     }
 
@@ -350,15 +348,14 @@ impl Board {
 
     /// Plugs or pulls the cable of NIC `netdev` ("hb" or "lan") with QMP `set_link`: the guest
     /// sees its carrier go, as when the far end of a cable is unplugged.
-    pub fn set_link(&mut self, netdev: &str, up: bool) {
+    pub fn set_link(&self, netdev: &str, up: bool) {
         self.qmp(&format!(
             r#"{{"execute": "set_link", "arguments": {{"name": "{netdev}", "up": {up}}}}}"#
         ));
     }
 
     /// Runs one QMP command on a fresh connection; panics unless QEMU answers with "return".
-    fn qmp(&mut self, command: &str) {
-        self.qmp_commands += 1;
+    fn qmp(&self, command: &str) {
         let mut stream = UnixStream::connect(self.dir.join("qmp.sock")).expect("connect to QMP");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tandem_tests::qemu::{self, image_path, prerequisites, Board, Nics, Serial, QEMU_TURN};
+use tandem_tests::qemu::{self, image_path, prerequisites, Board, Nics, Serial, Shell, QEMU_TURN};
 use tandem_tests::{create_sparse_file, run_with_timeout, TempDir};
 
 /// A whole test: boot, console, commands. Boot-to-prompt measured ~25 s on 2 cores under TCG.
@@ -157,41 +157,29 @@ fn the_test_flag_gives_a_root_shell_on_the_second_serial_port() {
     let deadline = Instant::now() + TEST_DEADLINE;
     let mut board = start_board(dir.path(), &disk);
     let console = board.serial("ttyS0.sock", deadline);
-    let mut shell = board.serial("ttyS1.sock", deadline);
+    let mut shell = Shell::new(board.serial("ttyS1.sock", deadline));
     console.wait_for(0, "TEST MODE", deadline, "test mode announced");
     let prompt = format!("{NODE}(standalone)> ");
     console.wait_for(0, &prompt, deadline, "tandem started");
     board.assert_running();
 
-    // The shell's own prompt is "/ # "; a marker makes each reply unambiguous.
-    let from = shell.len();
-    shell.send(b"\necho MARK-$((6*7)); cat /proc/cmdline; tandem ctl --socket /run/tandem/ctl.sock --json status; echo END-$((6*7))\n");
-    let start = shell.wait_for(from, "MARK-42", deadline, "the test shell answers");
-    let end = shell.wait_for(start, "END-42", deadline, "the test shell's command ends");
-    let reply = shell.text_since(start);
-    let reply = &reply[..reply.len().min(end - start)];
+    let cmdline = shell.run("cat /proc/cmdline", deadline);
     assert!(
-        reply.contains("tandem.test=1"),
-        "the kernel command line carries the flag:\n{reply}"
+        cmdline.contains("tandem.test=1"),
+        "the kernel command line carries the flag:\n{cmdline}"
     );
-    // `tandem ctl --json` prints one JSON object, possibly over several lines.
-    let json = match (reply.find('{'), reply.rfind('}')) {
-        (Some(open), Some(close)) if open < close => reply[open..=close].replace('\r', ""),
-        _ => panic!("no JSON from tandem ctl:\n{reply}"),
-    };
-    let status: serde_json::Value = serde_json::from_str(&json)
-        .unwrap_or_else(|e| panic!("tandem ctl --json status: {e}\n{json}"));
+    let status = shell.status(deadline);
     assert_eq!(status["node"], NODE, "{status}");
     assert_eq!(status["role"], "standalone", "{status}");
 
     // The volume is attached to the kernel as /dev/nbd0 and carries ext4 on /data (made on the
     // blank data disk): a file written there reads back after the page cache is dropped.
-    let from = shell.len();
-    shell.send(b"i=0; until grep -q '^/dev/nbd0 /data ext4' /proc/mounts || [ $i -ge 60 ]; do sleep 1; i=$((i+1)); done; echo MARK-$((6*7)); grep nbd0 /proc/mounts; dd if=/dev/urandom of=/data/f bs=64k count=16 2>/dev/null; sync; md5sum /data/f; echo 3 > /proc/sys/vm/drop_caches; md5sum /data/f; tandem ctl --socket /run/tandem/ctl.sock status | grep kernel; echo END-$((6*7))\n");
-    let start = shell.wait_for(from, "MARK-42", deadline, "the mount appears");
-    let end = shell.wait_for(start, "END-42", deadline, "the file is written and read");
-    let reply = shell.text_since(start);
-    let reply = &reply[..reply.len().min(end - start)];
+    let reply = shell.run(
+        "i=0; until grep -q '^/dev/nbd0 /data ext4' /proc/mounts || [ $i -ge 60 ]; do sleep 1; i=$((i+1)); done; \
+         grep nbd0 /proc/mounts; dd if=/dev/urandom of=/data/f bs=64k count=16 2>/dev/null; sync; md5sum /data/f; \
+         echo 3 > /proc/sys/vm/drop_caches; md5sum /data/f; tandem ctl --socket /run/tandem/ctl.sock status | grep kernel",
+        deadline,
+    );
     assert!(
         reply.contains("/dev/nbd0 /data ext4"),
         "ext4 on /dev/nbd0 mounted on /data:\n{reply}"
@@ -291,23 +279,12 @@ fn a_frozen_tandem_is_reset_by_the_watchdog() {
     let deadline = Instant::now() + TEST_DEADLINE;
     let mut board = start_board(dir.path(), &disk);
     let console = board.serial("ttyS0.sock", deadline);
-    let mut shell = board.serial("ttyS1.sock", deadline);
+    let mut shell = Shell::new(board.serial("ttyS1.sock", deadline));
     let prompt = format!("{NODE}(standalone)> ");
     console.wait_for(0, &prompt, deadline, "tandem started");
 
     // tandem armed the i6300esb with the configured timeout, and it is being petted.
-    let from = shell.len();
-    shell.send(b"\necho MARK-$((6*7)); cat /sys/class/watchdog/watchdog0/state; tandem ctl --socket /run/tandem/ctl.sock --json status; echo END-$((6*7))\n");
-    let start = shell.wait_for(from, "MARK-42", deadline, "the test shell answers");
-    let end = shell.wait_for(start, "END-42", deadline, "the test shell's command ends");
-    let reply = shell.text_since(start);
-    let reply = &reply[..reply.len().min(end - start)];
-    let json = match (reply.find('{'), reply.rfind('}')) {
-        (Some(open), Some(close)) if open < close => reply[open..=close].replace('\r', ""),
-        _ => panic!("no JSON from tandem ctl:\n{reply}"),
-    };
-    let status: serde_json::Value = serde_json::from_str(&json)
-        .unwrap_or_else(|e| panic!("tandem ctl --json status: {e}\n{json}"));
+    let status = shell.status(deadline);
     assert_eq!(status["watchdog"]["armed"], true, "{status}");
     assert_eq!(
         status["watchdog"]["timeout_s"], WATCHDOG_TIMEOUT_S,
@@ -317,7 +294,7 @@ fn a_frozen_tandem_is_reset_by_the_watchdog() {
 
     // A daemon that hangs stops petting: the board resets and boots again.
     let frozen_at = console.len();
-    shell.send(b"kill -STOP $(pidof tandem)\n");
+    shell.run("kill -STOP $(pidof tandem)", deadline);
     let frozen = Instant::now();
     console.wait_for(
         frozen_at,

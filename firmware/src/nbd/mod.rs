@@ -269,6 +269,18 @@ struct InFlight {
     started_at: Instant,
 }
 
+impl InFlight {
+    /// Trims and write-zeroes are carried out in pieces (see `done_bytes`).
+    fn is_in_pieces(&self) -> bool {
+        matches!(self.kind, IoKind::Trim | IoKind::WriteZeroes)
+    }
+
+    /// The length of the piece that starts at `done_bytes`.
+    fn piece_len(&self) -> u64 {
+        (u64::from(self.length) - self.done_bytes).min(u64::from(NBD_PAYLOAD_BYTES_MAX))
+    }
+}
+
 /// The NBD server: sessions, requests in flight, buffers.
 #[derive(Debug)]
 pub struct Server {
@@ -691,12 +703,11 @@ impl Server {
         let Some(flight) = self.ios.get_mut(index).and_then(Option::as_mut) else {
             return false;
         };
-        if !matches!(flight.kind, IoKind::Trim | IoKind::WriteZeroes) {
+        if !flight.is_in_pieces() {
             return false;
         }
-        let left = u64::from(flight.length) - flight.done_bytes;
-        let piece = left.min(u64::from(NBD_PAYLOAD_BYTES_MAX));
-        if piece == left {
+        let piece = flight.piece_len();
+        if flight.done_bytes + piece == u64::from(flight.length) {
             return false;
         }
         flight.done_bytes += piece;
@@ -1259,10 +1270,12 @@ impl Server {
             unreachable!("issue of a free slot")
         };
         flight.started_at = now;
-        let (offset, len, fua) = if matches!(flight.kind, IoKind::Trim | IoKind::WriteZeroes) {
-            let left = u64::from(flight.length) - flight.done_bytes;
-            let piece = left.min(u64::from(NBD_PAYLOAD_BYTES_MAX));
-            (flight.offset + flight.done_bytes, piece, flight.fua)
+        let (offset, len, fua) = if flight.is_in_pieces() {
+            (
+                flight.offset + flight.done_bytes,
+                flight.piece_len(),
+                flight.fua,
+            )
         } else {
             (flight.offset, u64::from(flight.length), flight.fua)
         };

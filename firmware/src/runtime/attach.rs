@@ -64,14 +64,6 @@ pub(super) struct KernelVolume {
     state: State,
 }
 
-/// What a turn of [`KernelVolume::service`] asks of the runtime.
-#[derive(Debug)]
-pub(super) enum Step {
-    Nothing,
-    /// Serve this stream as the kernel's NBD connection.
-    Serve(UnixStream),
-}
-
 impl KernelVolume {
     /// `None` without `[volume] attach`.
     pub(super) fn new(device: Option<&Path>, mount: Option<&Path>) -> Option<KernelVolume> {
@@ -108,21 +100,22 @@ impl KernelVolume {
     }
 
     /// Moves toward `serving` (the node serves the volume) and reaps finished workers.
-    /// `size_bytes` and `flags` describe the export to the kernel.
-    pub(super) fn service(&mut self, serving: bool, size_bytes: u64, flags: u16) -> Step {
+    /// `size_bytes` and `flags` describe the export to the kernel. Returns the stream the
+    /// runtime is to serve as the kernel's NBD connection when an attach starts.
+    pub(super) fn service(
+        &mut self,
+        serving: bool,
+        size_bytes: u64,
+        flags: u16,
+    ) -> Option<UnixStream> {
         self.reap();
         match (&self.state, serving) {
-            (State::Detached, true) => self.start_attach(size_bytes, flags),
-            (State::Attached(_), false) => {
-                self.start_detach(false);
-                Step::Nothing
-            }
-            (State::Failed(_), false) => {
-                self.state = State::Detached;
-                Step::Nothing
-            }
-            _ => Step::Nothing,
+            (State::Detached, true) => return self.start_attach(size_bytes, flags),
+            (State::Attached(_), false) => self.start_detach(false),
+            (State::Failed(_), false) => self.state = State::Detached,
+            _ => {}
         }
+        None
     }
 
     /// A clean stop: unmounts for real (the loop keeps serving the write-back) and detaches.
@@ -168,12 +161,12 @@ impl KernelVolume {
         }
     }
 
-    fn start_attach(&mut self, size_bytes: u64, flags: u16) -> Step {
+    fn start_attach(&mut self, size_bytes: u64, flags: u16) -> Option<UnixStream> {
         let (ours, theirs) = match UnixStream::pair() {
             Ok(pair) => pair,
             Err(e) => {
                 self.state = State::Failed(format!("socketpair: {e}"));
-                return Step::Nothing;
+                return None;
             }
         };
         // The loop's thread serves the kernel's writeback: under memory pressure its own
@@ -197,11 +190,11 @@ impl KernelVolume {
             Ok(worker) => {
                 log::info!("attaching the volume to {}", self.device.display());
                 self.state = State::Attaching(worker);
-                Step::Serve(ours)
+                Some(ours)
             }
             Err(e) => {
                 self.state = State::Failed(format!("cannot start a worker thread: {e}"));
-                Step::Nothing
+                None
             }
         }
     }

@@ -370,7 +370,7 @@ impl ClusterNet {
                 }
                 probe.answered = true;
             }
-            if self.holds_vip && packet.sender_ip == vip {
+            if self.holds_vip {
                 log::warn!(
                     "cluster IP claimed by another MAC (address={vip} mac={})",
                     mac_text(&packet.sender_mac)

@@ -229,15 +229,15 @@ struct ControlClient {
     deadline: Instant,
 }
 
-/// The clock the runtime reads: CLOCK_BOOTTIME in milliseconds, which keeps counting through
-/// any stall or suspend of the board, so a lease checked on it expires while the board sleeps
-/// (DESIGN.md §4 rule 1).
 /// Whether the kernel command line carries `tandem.test=1` (never in a shipped loader entry).
 fn booted_for_tests() -> bool {
     std::fs::read_to_string("/proc/cmdline")
         .is_ok_and(|line| line.split_whitespace().any(|w| w == "tandem.test=1"))
 }
 
+/// The clock the runtime reads: CLOCK_BOOTTIME in milliseconds, which keeps counting through
+/// any stall or suspend of the board, so a lease checked on it expires while the board sleeps
+/// (DESIGN.md §4 rule 1).
 fn now() -> Instant {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
     let ms = (ts.tv_sec as u64).saturating_mul(1000) + (ts.tv_nsec as u64) / 1_000_000;
@@ -1297,9 +1297,9 @@ impl Runtime {
         };
         let serving = self.node.is_serving() && self.stopping.is_none();
         let size = self.node.volume_bytes();
-        let step = kernel.service(serving, size, self.node.transmission_flags());
+        let attached = kernel.service(serving, size, self.node.transmission_flags());
         let described = Some(kernel.describe());
-        if let attach::Step::Serve(stream) = step {
+        if let Some(stream) = attached {
             self.add_client(Stream::Unix(stream), true);
         }
         self.node.note_kernel_volume(described);
@@ -1656,7 +1656,7 @@ impl Runtime {
 
     /// `freeze`, only on a board booted with `tandem.test=1`: the event loop stops for good, as
     /// a hung daemon's would. Nothing is answered or petted again; the watchdog resets the
-    /// board and the peer takes over.
+    /// board (docs/FAILOVER.md, "A hung daemon", says what the peer does meanwhile).
     fn freeze(&mut self) -> ! {
         log::warn!("freeze (test mode): the event loop stops here; the watchdog resets the board");
         self.flush_serial_log();
