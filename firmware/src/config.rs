@@ -45,7 +45,7 @@ pub const CONFIG_LEN_MAX: usize = 1 << 20;
 pub const CLUSTER_KEY_LEN: u64 = 32;
 
 const NODE_NAME_LEN_MAX: usize = 63;
-const STATE_DIR_DEFAULT: &str = "/var/lib/tandem";
+pub(crate) const STATE_DIR_DEFAULT: &str = "/var/lib/tandem";
 const HEARTBEAT_INTERVAL_MS_DEFAULT: u32 = 100;
 const HEARTBEAT_INTERVAL_MS_RANGE: RangeInclusive<u32> = 10..=10_000;
 const DEAD_TIME_MS_DEFAULT: u32 = 1000;
@@ -962,20 +962,7 @@ impl Checker<'_> {
 
     fn node_name(&mut self, field: &Field<'_>) -> Checking<String> {
         let text = self.string(field)?;
-        let is_valid = (1..=NODE_NAME_LEN_MAX).contains(&text.len())
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !is_valid {
-            return Err(self.invalid(
-                field,
-                format!(
-                    "\"{}\" is not a node name: 1 to {NODE_NAME_LEN_MAX} characters of A-Z a-z \
-                     0-9 . _ -",
-                    text.escape_debug()
-                ),
-            ));
-        }
+        check_node_name(text).map_err(|message| self.invalid(field, message))?;
         Ok(text.to_string())
     }
 
@@ -1181,8 +1168,24 @@ const CLUSTER_KEYS: &[&str] = &[
     "preferred",
 ];
 
-/// `a.b.c.d/N`, N in 1..=32, a unicast address.
-fn parse_vip(text: &str) -> Result<Vip, String> {
+/// 1 to 63 characters of A-Z a-z 0-9 . _ - (also `tandem setup`'s answers).
+pub(crate) fn check_node_name(text: &str) -> Result<(), String> {
+    let is_valid = (1..=NODE_NAME_LEN_MAX).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if is_valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "\"{}\" is not a node name: 1 to {NODE_NAME_LEN_MAX} characters of A-Z a-z 0-9 . _ -",
+            text.escape_debug()
+        ))
+    }
+}
+
+/// `a.b.c.d/N`, N in 1..=32, a unicast address (also `tandem setup`'s cluster IP).
+pub(crate) fn parse_vip(text: &str) -> Result<Vip, String> {
     let shown = text.escape_debug();
     let Some((addr, prefix_len)) = text.split_once('/') else {
         return Err(format!(
@@ -1247,14 +1250,14 @@ fn describe(item: &Item) -> &'static str {
     }
 }
 
-/// Writes TOML for [`Config::to_masked_toml`].
+/// Writes TOML for [`Config::to_masked_toml`] and for the tandem.toml `tandem setup` writes.
 #[derive(Default)]
-struct TomlWriter {
-    text: String,
+pub(crate) struct TomlWriter {
+    pub(crate) text: String,
 }
 
 impl TomlWriter {
-    fn section(&mut self, name: &str) {
+    pub(crate) fn section(&mut self, name: &str) {
         if !self.text.is_empty() {
             self.text.push('\n');
         }
@@ -1263,14 +1266,14 @@ impl TomlWriter {
         self.text.push_str("]\n");
     }
 
-    fn raw(&mut self, key: &str, value: &str) {
+    pub(crate) fn raw(&mut self, key: &str, value: &str) {
         self.text.push_str(key);
         self.text.push_str(" = ");
         self.text.push_str(value);
         self.text.push('\n');
     }
 
-    fn string(&mut self, key: &str, value: &str) {
+    pub(crate) fn string(&mut self, key: &str, value: &str) {
         self.raw(key, &quote(value));
     }
 
@@ -1287,7 +1290,7 @@ impl TomlWriter {
         self.raw(key, &value);
     }
 
-    fn comment(&mut self, text: &str) {
+    pub(crate) fn comment(&mut self, text: &str) {
         self.text.push_str("# ");
         self.text.push_str(text);
         self.text.push('\n');
@@ -1295,7 +1298,7 @@ impl TomlWriter {
 }
 
 /// A TOML basic string.
-fn quote(value: &str) -> String {
+pub(crate) fn quote(value: &str) -> String {
     let mut quoted = String::with_capacity(value.len() + 2);
     quoted.push('"');
     for c in value.chars() {

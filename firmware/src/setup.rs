@@ -30,7 +30,7 @@
 //! - cluster.key is written before tandem.toml: a tandem.toml on the partition means "configured",
 //!   so it must never be there without the key it names.
 
-use crate::config::{self, Vip, CLUSTER_KEY_LEN};
+use crate::config::{self, TomlWriter, Vip, CLUSTER_KEY_LEN};
 use crate::console::line::{LineEditor, LineEvent};
 use crate::console::{self, Command, CommandError};
 use crate::constants::{CONTROL_CLIENT_TIMEOUT_MS, CONTROL_LINE_BYTES_MAX};
@@ -63,7 +63,6 @@ pub const CONTROL_SOCKET_DEFAULT: &str = "/run/tandem/ctl.sock";
 /// The cluster key's length in bytes.
 pub const CLUSTER_KEY_BYTES: usize = CLUSTER_KEY_LEN as usize;
 
-const STATE_DIR: &str = "/var/lib/tandem";
 const NBD_SOCKET: &str = "/run/tandem/nbd.sock";
 const ATTACH_DEVICE: &str = "/dev/nbd0";
 const MOUNT_POINT: &str = "/data";
@@ -71,7 +70,6 @@ const WATCHDOG_DEVICE: &str = "/dev/watchdog0";
 const WATCHDOG_TIMEOUT_S: u32 = 10;
 
 const NODE_NAME_DEFAULT: &str = "nas-a";
-const NODE_NAME_LEN_MAX: usize = 63;
 /// The heartbeat addresses of the first and the second board.
 const HEARTBEAT_DEFAULTS: [SocketAddrV4; 2] = [
     SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), 7788),
@@ -86,7 +84,8 @@ const LAN_DEFAULTS: [SocketAddrV4; 2] = [
 const VIP_HOST_DEFAULT: u8 = 230;
 const VIP_PREFIX_LEN_DEFAULT: u8 = 24;
 
-const _: () = assert!(CLUSTER_KEY_BYTES == 32);
+// What `tandem run` reads from the key file.
+const _: () = assert!(CLUSTER_KEY_BYTES == crate::peer::PEER_KEY_BYTES);
 
 /// The shared secret of a pair. Its `Debug` never shows the bytes.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -123,23 +122,16 @@ impl ClusterKey {
                 CLUSTER_KEY_BYTES * 2
             ));
         }
+        // Every digit is a hex digit (checked above).
+        let nibble = |digit: u8| char::from(digit).to_digit(16).unwrap_or(0) as u8;
         let mut key = [0u8; CLUSTER_KEY_BYTES];
         for (byte, pair) in key.iter_mut().zip(digits.chunks(2)) {
-            *byte = (hex_value(pair[0]) << 4) | hex_value(pair[1]);
+            *byte = (nibble(pair[0]) << 4) | nibble(pair[1]);
         }
         if key == [0; CLUSTER_KEY_BYTES] {
             return Err("a key of zeros is no secret: type new, or another key".to_string());
         }
         Ok(ClusterKey(key))
-    }
-}
-
-fn hex_value(digit: u8) -> u8 {
-    match digit {
-        b'0'..=b'9' => digit - b'0',
-        b'a'..=b'f' => digit - b'a' + 10,
-        b'A'..=b'F' => digit - b'A' + 10,
-        _ => 0,
     }
 }
 
@@ -328,13 +320,11 @@ impl SetupConsole {
         match parse_command(line) {
             Ok(None) => Vec::new(),
             Ok(Some(ConsoleCommand::Setup)) => {
-                let dialog = SetupDialog::new();
-                let text = format!(
+                self.dialog = Some(SetupDialog::new());
+                vec![Output::Print(format!(
                     "Setting up this board: Enter takes the default in brackets, Ctrl-C abandons.\n{}",
-                    dialog.question.help()
-                );
-                self.dialog = Some(dialog);
-                vec![Output::Print(text)]
+                    SetupDialog::FIRST.help()
+                ))]
             }
             Ok(Some(command)) => {
                 let reply = self.answer(command);
@@ -472,8 +462,6 @@ enum Question {
     UplinkProbe,
     Preferred,
     Key,
-    /// The assembled tandem.toml is shown: write it?
-    Confirm,
 }
 
 impl Question {
@@ -490,7 +478,6 @@ impl Question {
             Question::UplinkProbe => "gateway to probe",
             Question::Preferred => "preferred node",
             Question::Key => "cluster key",
-            Question::Confirm => "write it",
         }
     }
 
@@ -520,7 +507,24 @@ impl Question {
                 "The cluster key authenticates the boards to each other: 64 hex digits (the \
                  key the other board's setup showed), or new to draw one."
             }
-            Question::Confirm => "",
+        }
+    }
+
+    /// The question after this one; `None` when every answer is in (a standalone node needs
+    /// none after `PeerName`).
+    fn next(self, answers: &Answers) -> Option<Question> {
+        match self {
+            Question::NodeName => Some(Question::PeerName),
+            Question::PeerName if answers.peer.is_none() => None,
+            Question::PeerName => Some(Question::HeartbeatLocal),
+            Question::HeartbeatLocal => Some(Question::HeartbeatRemote),
+            Question::HeartbeatRemote => Some(Question::LanLocal),
+            Question::LanLocal => Some(Question::LanRemote),
+            Question::LanRemote => Some(Question::ClusterIp),
+            Question::ClusterIp => Some(Question::UplinkProbe),
+            Question::UplinkProbe => Some(Question::Preferred),
+            Question::Preferred => Some(Question::Key),
+            Question::Key => None,
         }
     }
 }
@@ -550,55 +554,23 @@ impl Answers {
             _ => 0,
         }
     }
-}
 
-/// The setup dialog (see the module documentation): one question at a time, then the
-/// tandem.toml, then the files to write.
-#[derive(Debug)]
-struct SetupDialog {
-    question: Question,
-    answers: Answers,
-    /// Once every question is answered: the files the answers make.
-    files: Option<ConfigFiles>,
-}
-
-impl SetupDialog {
-    /// A dialog at its first question.
-    fn new() -> Self {
-        SetupDialog {
-            question: Question::NodeName,
-            answers: Answers::default(),
-            files: None,
-        }
-    }
-
-    fn prompt(&self, settings: &SetupSettings) -> String {
-        let label = self.question.label();
-        match self.question {
-            Question::Confirm => format!("write it to {}? [yes/no]: ", settings.config_dir),
-            Question::PeerName => format!("{label} [none]: "),
-            question => match self.default(question) {
-                Some(default) => format!("{label} [{default}]: "),
-                None => format!("{label}: "),
-            },
-        }
-    }
-
-    /// What Enter answers; `None` when the question needs a typed answer.
-    fn default(&self, question: Question) -> Option<String> {
-        let a = &self.answers;
-        let board = a.board_index();
+    /// What Enter answers to `question`; `None` when it needs a typed answer.
+    fn default_for(&self, question: Question) -> Option<String> {
+        let board = self.board_index();
         match question {
             Question::NodeName => Some(NODE_NAME_DEFAULT.to_string()),
-            Question::PeerName => Some(String::new()),
+            Question::PeerName => Some("none".to_string()),
             Question::HeartbeatLocal => Some(HEARTBEAT_DEFAULTS[board].to_string()),
             Question::HeartbeatRemote => {
-                Some(other_end(a.heartbeat_local?, HEARTBEAT_DEFAULTS, board).to_string())
+                Some(other_end(self.heartbeat_local?, HEARTBEAT_DEFAULTS, board).to_string())
             }
             Question::LanLocal => Some(LAN_DEFAULTS[board].to_string()),
-            Question::LanRemote => Some(other_end(a.lan_local?, LAN_DEFAULTS, board).to_string()),
+            Question::LanRemote => {
+                Some(other_end(self.lan_local?, LAN_DEFAULTS, board).to_string())
+            }
             Question::ClusterIp => {
-                let [x, y, z, _] = a.lan_local?.ip().octets();
+                let [x, y, z, _] = self.lan_local?.ip().octets();
                 let vip = Vip {
                     addr: Ipv4Addr::new(x, y, z, VIP_HOST_DEFAULT),
                     prefix_len: VIP_PREFIX_LEN_DEFAULT,
@@ -606,17 +578,137 @@ impl SetupDialog {
                 Some(vip.to_string())
             }
             Question::UplinkProbe => {
-                let vip = a.vip?;
+                let vip = self.vip?;
                 let network = u32::from(vip.addr) & netmask(vip.prefix_len);
                 let gateway = Ipv4Addr::from(network.checked_add(1)?);
                 (gateway != vip.addr && in_subnet(gateway, &vip)).then(|| gateway.to_string())
             }
             Question::Preferred => {
-                let (node, peer) = (a.node.as_ref()?, a.peer.as_ref()?);
+                let (node, peer) = (self.node.as_ref()?, self.peer.as_ref()?);
                 Some(node.min(peer).clone())
             }
             Question::Key => Some("new".to_string()),
-            Question::Confirm => None,
+        }
+    }
+
+    /// Checks `answer` to `question` and stores it; returns lines to show.
+    fn take_answer(
+        &mut self,
+        question: Question,
+        answer: &str,
+        draw_key: DrawKey<'_>,
+    ) -> Result<Vec<String>, String> {
+        match question {
+            Question::NodeName => {
+                config::check_node_name(answer)?;
+                self.node = Some(answer.to_string());
+            }
+            Question::PeerName => {
+                if answer == "none" {
+                    self.peer = None;
+                    return Ok(vec![
+                        "standalone node: no mirroring, no failover".to_string()
+                    ]);
+                }
+                config::check_node_name(answer)?;
+                if self.node.as_deref() == Some(answer) {
+                    return Err(format!(
+                        "\"{answer}\" is this board's name: the two boards need different names"
+                    ));
+                }
+                self.peer = Some(answer.to_string());
+            }
+            // This board's ends of the links: the image puts these addresses on its ports.
+            Question::HeartbeatLocal => self.heartbeat_local = Some(socket_addr(answer)?),
+            Question::HeartbeatRemote => {
+                self.heartbeat_remote =
+                    Some(remote_addr(answer, self.heartbeat_local, "heartbeat")?)
+            }
+            Question::LanLocal => {
+                let lan = socket_addr(answer)?;
+                if self.heartbeat_local.is_some_and(|h| h.ip() == lan.ip()) {
+                    return Err(format!(
+                        "{} is this board's heartbeat address: the lan port needs its own",
+                        lan.ip()
+                    ));
+                }
+                self.lan_local = Some(lan);
+            }
+            Question::LanRemote => {
+                self.lan_remote = Some(remote_addr(answer, self.lan_local, "lan")?)
+            }
+            Question::ClusterIp => self.vip = Some(cluster_ip(answer, self)?),
+            Question::UplinkProbe => self.uplink_probe = Some(uplink_probe(answer, self)?),
+            Question::Preferred => {
+                let names = [self.node.as_deref(), self.peer.as_deref()];
+                if !names.contains(&Some(answer)) {
+                    return Err(format!(
+                        "\"{}\" is neither {} nor {}",
+                        answer.escape_debug(),
+                        names[0].unwrap_or("?"),
+                        names[1].unwrap_or("?")
+                    ));
+                }
+                self.preferred = Some(answer.to_string());
+            }
+            Question::Key => {
+                if answer != "new" {
+                    self.key = Some(ClusterKey::parse(answer)?);
+                    return Ok(Vec::new());
+                }
+                let key = draw_key()
+                    .map_err(|e| format!("no key drawn ({e}): type one of 64 hex digits"))?;
+                self.key = Some(key);
+                return Ok(vec![
+                    format!("new cluster key: {}", key.to_hex_groups()),
+                    "Type this key at the other board's setup: both boards need the same one."
+                        .to_string(),
+                ]);
+            }
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// Where the dialog stands.
+#[derive(Debug)]
+enum Stage {
+    /// This question is being asked.
+    Asking(Question),
+    /// Every answer is in; the files they make were shown: write them?
+    Confirming(ConfigFiles),
+}
+
+/// The setup dialog (see the module documentation): one question at a time, then the
+/// tandem.toml, then the files to write.
+#[derive(Debug)]
+struct SetupDialog {
+    stage: Stage,
+    answers: Answers,
+}
+
+impl SetupDialog {
+    /// The first question, whose help starts the dialog.
+    const FIRST: Question = Question::NodeName;
+
+    /// A dialog at its first question.
+    fn new() -> Self {
+        SetupDialog {
+            stage: Stage::Asking(Self::FIRST),
+            answers: Answers::default(),
+        }
+    }
+
+    fn prompt(&self, settings: &SetupSettings) -> String {
+        let question = match self.stage {
+            Stage::Asking(question) => question,
+            Stage::Confirming(_) => {
+                return format!("write it to {}? [yes/no]: ", settings.config_dir)
+            }
+        };
+        match self.answers.default_for(question) {
+            Some(default) => format!("{} [{default}]: ", question.label()),
+            None => format!("{}: ", question.label()),
         }
     }
 
@@ -627,115 +719,36 @@ impl SetupDialog {
         draw_key: DrawKey<'_>,
     ) -> Step {
         let typed = line.trim();
-        if self.question == Question::Confirm {
-            return self.handle_confirm(settings, typed);
-        }
-        let answer = match (typed.is_empty(), self.default(self.question)) {
+        let question = match &self.stage {
+            Stage::Asking(question) => *question,
+            Stage::Confirming(files) => {
+                return match typed {
+                    "yes" => Step::Write(files.clone()),
+                    "no" => Step::Quit(format!(
+                        "nothing written to {} (type 'setup' to start again)",
+                        settings.config_dir
+                    )),
+                    _ => Step::Ask("answer yes or no".to_string()),
+                }
+            }
+        };
+        let answer = match (typed.is_empty(), self.answers.default_for(question)) {
             (false, _) => typed.to_string(),
             (true, Some(default)) => default,
             (true, None) => return Step::Ask("an answer is needed here".to_string()),
         };
-        let mut notes = match self.take_answer(&answer, draw_key) {
+        let mut notes = match self.answers.take_answer(question, &answer, draw_key) {
             Ok(notes) => notes,
             Err(problem) => return Step::Ask(problem),
         };
-        match self.next_question() {
+        notes.push(match question.next(&self.answers) {
             Some(next) => {
-                self.question = next;
-                notes.push(next.help().to_string());
-                Step::Ask(notes.join("\n"))
+                self.stage = Stage::Asking(next);
+                next.help().to_string()
             }
-            None => {
-                notes.push(self.assemble(settings));
-                Step::Ask(notes.join("\n"))
-            }
-        }
-    }
-
-    /// Checks and stores the answer to the current question; returns lines to show.
-    fn take_answer(&mut self, answer: &str, draw_key: DrawKey<'_>) -> Result<Vec<String>, String> {
-        let a = &mut self.answers;
-        match self.question {
-            Question::NodeName => a.node = Some(node_name(answer)?),
-            Question::PeerName => {
-                if answer.is_empty() || answer == "none" {
-                    a.peer = None;
-                    return Ok(vec![
-                        "standalone node: no mirroring, no failover".to_string()
-                    ]);
-                }
-                let peer = node_name(answer)?;
-                if a.node.as_deref() == Some(peer.as_str()) {
-                    return Err(format!(
-                        "\"{peer}\" is this board's name: the two boards need different names"
-                    ));
-                }
-                a.peer = Some(peer);
-            }
-            Question::HeartbeatLocal => a.heartbeat_local = Some(local_addr(answer)?),
-            Question::HeartbeatRemote => {
-                a.heartbeat_remote = Some(remote_addr(answer, a.heartbeat_local, "heartbeat")?)
-            }
-            Question::LanLocal => {
-                let lan = local_addr(answer)?;
-                if a.heartbeat_local.is_some_and(|h| h.ip() == lan.ip()) {
-                    return Err(format!(
-                        "{} is this board's heartbeat address: the lan port needs its own",
-                        lan.ip()
-                    ));
-                }
-                a.lan_local = Some(lan);
-            }
-            Question::LanRemote => a.lan_remote = Some(remote_addr(answer, a.lan_local, "lan")?),
-            Question::ClusterIp => a.vip = Some(cluster_ip(answer, a)?),
-            Question::UplinkProbe => a.uplink_probe = Some(uplink_probe(answer, a)?),
-            Question::Preferred => {
-                let names = [a.node.as_deref(), a.peer.as_deref()];
-                if !names.contains(&Some(answer)) {
-                    return Err(format!(
-                        "\"{}\" is neither {} nor {}",
-                        answer.escape_debug(),
-                        names[0].unwrap_or("?"),
-                        names[1].unwrap_or("?")
-                    ));
-                }
-                a.preferred = Some(answer.to_string());
-            }
-            Question::Key => {
-                if answer != "new" {
-                    a.key = Some(ClusterKey::parse(answer)?);
-                    return Ok(Vec::new());
-                }
-                let key = draw_key()
-                    .map_err(|e| format!("no key drawn ({e}): type one of 64 hex digits"))?;
-                a.key = Some(key);
-                return Ok(vec![
-                    format!("new cluster key: {}", key.to_hex_groups()),
-                    "Type this key at the other board's setup: both boards need the same one."
-                        .to_string(),
-                ]);
-            }
-            // Answered by `handle_confirm`.
-            Question::Confirm => {}
-        }
-        Ok(Vec::new())
-    }
-
-    /// The question after the current one; `None` when every answer is in.
-    fn next_question(&self) -> Option<Question> {
-        match self.question {
-            Question::NodeName => Some(Question::PeerName),
-            Question::PeerName if self.answers.peer.is_none() => None,
-            Question::PeerName => Some(Question::HeartbeatLocal),
-            Question::HeartbeatLocal => Some(Question::HeartbeatRemote),
-            Question::HeartbeatRemote => Some(Question::LanLocal),
-            Question::LanLocal => Some(Question::LanRemote),
-            Question::LanRemote => Some(Question::ClusterIp),
-            Question::ClusterIp => Some(Question::UplinkProbe),
-            Question::UplinkProbe => Some(Question::Preferred),
-            Question::Preferred => Some(Question::Key),
-            Question::Key | Question::Confirm => None,
-        }
+            None => self.assemble(settings),
+        });
+        Step::Ask(notes.join("\n"))
     }
 
     /// Every answer is in: the config they make, checked like any other. Valid: shown, and the
@@ -745,13 +758,13 @@ impl SetupDialog {
         let text = config_text(settings, &self.answers);
         match config::parse(&text) {
             Ok(_) => {
-                self.files = Some(ConfigFiles {
+                let shown = format!("This is the {CONFIG_FILE_NAME} your answers make:\n\n{text}");
+                self.stage = Stage::Confirming(ConfigFiles {
                     dir: PathBuf::from(&settings.config_dir),
-                    config_text: text.clone(),
+                    config_text: text,
                     key: self.answers.peer.as_ref().and(self.answers.key),
                 });
-                self.question = Question::Confirm;
-                format!("This is the {CONFIG_FILE_NAME} your answers make:\n\n{text}")
+                shown
             }
             Err(problems) => {
                 let problems: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
@@ -759,20 +772,9 @@ impl SetupDialog {
                 format!(
                     "Your answers make a config that tandem refuses:\n{}\nStarting over.\n{}",
                     problems.join("\n"),
-                    self.question.help()
+                    Self::FIRST.help()
                 )
             }
-        }
-    }
-
-    fn handle_confirm(&mut self, settings: &SetupSettings, typed: &str) -> Step {
-        match (typed, &self.files) {
-            ("yes", Some(files)) => Step::Write(files.clone()),
-            ("no", _) => Step::Quit(format!(
-                "nothing written to {} (type 'setup' to start again)",
-                settings.config_dir
-            )),
-            _ => Step::Ask("answer yes or no".to_string()),
         }
     }
 }
@@ -786,21 +788,6 @@ fn other_end(local: SocketAddrV4, defaults: [SocketAddrV4; 2], board: usize) -> 
         defaults[0]
     } else {
         defaults[1 - board]
-    }
-}
-
-fn node_name(text: &str) -> Result<String, String> {
-    let is_valid = (1..=NODE_NAME_LEN_MAX).contains(&text.len())
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if is_valid {
-        Ok(text.to_string())
-    } else {
-        Err(format!(
-            "\"{}\" is not a node name: 1 to {NODE_NAME_LEN_MAX} characters of A-Z a-z 0-9 . _ -",
-            text.escape_debug()
-        ))
     }
 }
 
@@ -823,11 +810,6 @@ fn socket_addr(text: &str) -> Result<SocketAddrV4, String> {
         return Err(format!("{addr} needs a port other than 0"));
     }
     Ok(addr)
-}
-
-/// This board's end of a link: the image puts the address on the port.
-fn local_addr(text: &str) -> Result<SocketAddrV4, String> {
-    socket_addr(text)
 }
 
 /// The other board's end of a link: not this board's end.
@@ -856,31 +838,11 @@ fn in_subnet(ip: Ipv4Addr, vip: &Vip) -> bool {
     u32::from(ip) & mask == u32::from(vip.addr) & mask
 }
 
-/// `a.b.c.d/N`: a unicast host address of a subnet that holds both boards' lan addresses.
+/// `a.b.c.d/N` as `cluster.vip` takes it, and a host address of a subnet that holds both
+/// boards' lan addresses.
 fn cluster_ip(text: &str, answers: &Answers) -> Result<Vip, String> {
-    let shown = text.escape_debug();
-    let Some((addr, prefix_len)) = text.split_once('/') else {
-        return Err(format!(
-            "\"{shown}\" has no prefix length: a.b.c.d/N, e.g. 192.168.131.230/24"
-        ));
-    };
-    let Ok(addr) = addr.parse::<Ipv4Addr>() else {
-        return Err(format!(
-            "\"{shown}\" is not an IPv4 address with a prefix length"
-        ));
-    };
-    let prefix_len = match prefix_len.parse::<u8>() {
-        Ok(n) if (1..=32).contains(&n) && prefix_len.bytes().all(|b| b.is_ascii_digit()) => n,
-        _ => {
-            return Err(format!(
-                "\"{shown}\": the prefix length must be between 1 and 32"
-            ))
-        }
-    };
-    let vip = Vip { addr, prefix_len };
-    if !is_unicast(addr) {
-        return Err(format!("{addr} is not a unicast address"));
-    }
+    let vip = config::parse_vip(text)?;
+    let Vip { addr, prefix_len } = vip;
     let host_bits = !netmask(prefix_len);
     if prefix_len <= 30 && (u32::from(addr) & host_bits == 0 || !u32::from(addr) & host_bits == 0) {
         return Err(format!(
@@ -941,79 +903,51 @@ fn uplink_probe(text: &str, answers: &Answers) -> Result<Ipv4Addr, String> {
     Ok(gateway)
 }
 
-/// A TOML basic string.
-fn quote(text: &str) -> String {
-    toml::Value::String(text.to_string()).to_string()
-}
-
-/// The tandem.toml of `answers` (a standalone node when there is no peer).
+/// The tandem.toml of `answers` (a standalone node when there is no peer). A pair's answers are
+/// all in once the dialog assembles its config; one missing would be written blank, and
+/// [`config::parse`] refuses a blank value.
 fn config_text(settings: &SetupSettings, answers: &Answers) -> String {
-    let addr = |addr: Option<SocketAddrV4>| quote(&addr.map(|a| a.to_string()).unwrap_or_default());
-    let link = |local, remote| format!("{{ local = {}, remote = {} }}", addr(local), addr(remote));
-    let node = answers.node.as_deref().unwrap_or_default();
-    let mut sections = vec![
-        (
-            "node",
-            vec![("name", quote(node)), ("state_dir", quote(STATE_DIR))],
-        ),
-        (
-            "volume",
-            vec![
-                ("backing", quote(&settings.backing)),
-                ("nbd_socket", quote(NBD_SOCKET)),
-                ("attach", quote(ATTACH_DEVICE)),
-                ("mount", quote(MOUNT_POINT)),
-            ],
-        ),
-    ];
+    fn shown(value: Option<impl ToString>) -> String {
+        value.map(|v| v.to_string()).unwrap_or_default()
+    }
+    let link = |local: Option<SocketAddrV4>, remote: Option<SocketAddrV4>| {
+        format!(
+            "{{ local = {}, remote = {} }}",
+            config::quote(&shown(local)),
+            config::quote(&shown(remote))
+        )
+    };
+    let mut out = TomlWriter::default();
+    out.comment("Written by 'tandem setup' on the serial console.");
+    out.section("node");
+    out.string("name", &shown(answers.node.as_ref()));
+    out.string("state_dir", config::STATE_DIR_DEFAULT);
+    out.section("volume");
+    out.string("backing", &settings.backing);
+    out.string("nbd_socket", NBD_SOCKET);
+    out.string("attach", ATTACH_DEVICE);
+    out.string("mount", MOUNT_POINT);
     if let Some(peer) = &answers.peer {
-        sections.push((
-            "peer",
-            vec![
-                ("name", quote(peer)),
-                ("key_file", quote(&settings.key_file())),
-                (
-                    "heartbeat",
-                    link(answers.heartbeat_local, answers.heartbeat_remote),
-                ),
-                ("lan", link(answers.lan_local, answers.lan_remote)),
-            ],
-        ));
-        let shown = |value: Option<String>| quote(&value.unwrap_or_default());
-        sections.push((
-            "cluster",
-            vec![
-                ("vip", shown(answers.vip.map(|v| v.to_string()))),
-                (
-                    "uplink_probe",
-                    shown(answers.uplink_probe.map(|g| g.to_string())),
-                ),
-                ("preferred", shown(answers.preferred.clone())),
-            ],
-        ));
+        out.section("peer");
+        out.string("name", peer);
+        out.string("key_file", &settings.key_file());
+        out.raw(
+            "heartbeat",
+            &link(answers.heartbeat_local, answers.heartbeat_remote),
+        );
+        out.raw("lan", &link(answers.lan_local, answers.lan_remote));
+        out.section("cluster");
+        out.string("vip", &shown(answers.vip));
+        out.string("uplink_probe", &shown(answers.uplink_probe));
+        out.string("preferred", &shown(answers.preferred.as_ref()));
     }
-    sections.push((
-        "watchdog",
-        vec![
-            ("device", quote(WATCHDOG_DEVICE)),
-            ("timeout_s", WATCHDOG_TIMEOUT_S.to_string()),
-        ],
-    ));
-    sections.push((
-        "console",
-        vec![
-            ("tty", quote(&settings.tty)),
-            ("control_socket", quote(settings.control_socket_in_config())),
-        ],
-    ));
-    let mut text = String::from("# Written by 'tandem setup' on the serial console.\n");
-    for (name, keys) in sections {
-        text.push_str(&format!("\n[{name}]\n"));
-        for (key, value) in keys {
-            text.push_str(&format!("{key} = {value}\n"));
-        }
-    }
-    text
+    out.section("watchdog");
+    out.string("device", WATCHDOG_DEVICE);
+    out.raw("timeout_s", &WATCHDOG_TIMEOUT_S.to_string());
+    out.section("console");
+    out.string("tty", &settings.tty);
+    out.string("control_socket", settings.control_socket_in_config());
+    out.text
 }
 
 // ---- the IO loop ----
@@ -1242,23 +1176,21 @@ fn answer_control(stream: UnixStream, console: &SetupConsole) {
     let mut line = Vec::new();
     let limit = CONTROL_LINE_BYTES_MAX as u64 + 1;
     let read = std::io::BufReader::new((&stream).take(limit)).read_until(b'\n', &mut line);
-    let reply = match (read, std::str::from_utf8(&line)) {
-        (Err(_), _) => CommandReply {
-            ok: false,
-            text: "timed out waiting for a command line".to_string(),
-        },
-        _ if line.len() > CONTROL_LINE_BYTES_MAX && !line.ends_with(b"\n") => CommandReply {
-            ok: false,
-            text: "command line too long".to_string(),
-        },
-        (Ok(_), Err(_)) => CommandReply {
-            ok: false,
-            text: "command is not UTF-8".to_string(),
-        },
-        (Ok(_), Ok(line)) => console.handle_control(line.trim()),
+    let refused = |text: &str| CommandReply {
+        ok: false,
+        text: text.to_string(),
     };
-    let status = if reply.ok { "ok" } else { "error" };
-    let _ = (&stream).write_all(format!("{status}\n{}\n", reply.text).as_bytes());
+    let reply = match read {
+        Err(_) => refused("timed out waiting for a command line"),
+        Ok(_) if line.len() > CONTROL_LINE_BYTES_MAX && !line.ends_with(b"\n") => {
+            refused("command line too long")
+        }
+        Ok(_) => match std::str::from_utf8(&line) {
+            Ok(line) => console.handle_control(line.trim()),
+            Err(_) => refused("command is not UTF-8"),
+        },
+    };
+    let _ = (&stream).write_all(runtime::control_reply(reply.ok, &reply.text).as_bytes());
 }
 
 #[cfg(test)]
@@ -1610,6 +1542,11 @@ mod tests {
         );
         assert!(printed(&type_lines(&mut console, &["switchover"]))
             .contains("needs a configured board"));
+        assert_eq!(
+            printed(&type_lines(&mut console, &["setup now"])),
+            "setup: wrong arguments; usage: setup"
+        );
+        assert!(!console.is_in_dialog());
         assert!(type_lines(&mut console, &["", "  "]).is_empty());
         let reply = console.handle_control("setup");
         assert!(!reply.ok && reply.text.contains("serial console (/dev/ttyS0)"));
@@ -1677,11 +1614,22 @@ mod tests {
         assert_eq!(left.len(), 2, "{left:?}");
         let missing = ConfigFiles {
             dir: dir.join("absent"),
-            ..files
+            ..files.clone()
         };
         assert!(write_files(&missing)
             .unwrap_err()
             .starts_with("cannot write"));
+        // A key that cannot be written leaves no config behind: the key goes first.
+        let stuck = dir.join("stuck");
+        std::fs::create_dir_all(stuck.join(format!(".{KEY_FILE_NAME}.tmp"))).expect("temp dir");
+        let stuck_files = ConfigFiles {
+            dir: stuck.clone(),
+            ..files
+        };
+        assert!(write_files(&stuck_files)
+            .unwrap_err()
+            .contains(KEY_FILE_NAME));
+        assert!(!stuck.join(CONFIG_FILE_NAME).exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

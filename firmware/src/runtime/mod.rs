@@ -376,6 +376,12 @@ pub(crate) fn split_json_flag(line: &str) -> (bool, String) {
     (json, words.join(" "))
 }
 
+/// A control socket's reply: `ok` or `error` on its own line, then the text.
+pub(crate) fn control_reply(ok: bool, text: &str) -> String {
+    let status = if ok { "ok" } else { "error" };
+    format!("{status}\n{text}\n")
+}
+
 /// Commands that move the role or can discard data: the console asks before running them.
 fn needs_confirmation(command: &Command) -> bool {
     matches!(
@@ -1727,8 +1733,7 @@ impl Runtime {
     }
 
     fn finish_control(&mut self, index: usize, ok: bool, text: &str) {
-        let status = if ok { "ok" } else { "error" };
-        self.reply_service(index, format!("{status}\n{text}\n").as_bytes());
+        self.reply_service(index, control_reply(ok, text).as_bytes());
     }
 
     /// Sends a reply and closes. Replies are a few KiB and fit the socket buffer; a client that
