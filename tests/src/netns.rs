@@ -1,25 +1,12 @@
 //! A lab of two boards and a client in Linux network namespaces, for failover tests (needs root
 //! and iproute2).
 //!
-//! One [`Lab`] is five namespaces named after a per-lab tag (`tnl<pid>-<counter>`), so that labs
-//! of parallel tests, and of other test processes, never meet:
-//!
-//! ```text
-//!   <tag>a (nas-a)             <tag>w (wiring)                <tag>b (nas-b)
-//!   hb0  10.99.n.1/24 ==== a-hb ─┐  br-hb   ┌─ b-hb ==== hb0  10.99.n.2/24
-//!                                 └─────────┘
-//!   lan0 10.77.n.11/24 === a-lan ─┐ br-lan  ┌─ b-lan === lan0 10.77.n.12/24
-//!                                 │ 10.77.n.1 (gateway)
-//!                                 └─ c-lan
-//!                                      ║
-//!                        <tag>c (client): lan0 10.77.n.50/24
-//! ```
-//!
-//! Every board and client interface is one end of a veth pair whose other end is a port of a
-//! bridge in the wiring namespace. Interfaces live inside the lab's own namespaces (they are
-//! created there directly, never in the host namespace), so their names are fixed and short;
-//! only namespace names carry the tag. The cluster IP is 10.77.n.100/24 ([`Lab::cluster_ip`]),
-//! the gateway probe target 10.77.n.1 ([`Lab::gateway`]).
+//! One [`Lab`] is four namespaces named after a per-lab tag (`tnl<pid>-<counter>`), so that labs
+//! of parallel tests, and of other test processes, never meet. Their wiring, names and addresses
+//! are `tandem demo`'s, [`tandem::demo::netns`] (the diagram is there): two boards with a
+//! heartbeat cable and a LAN cable each, veths to two bridges in a wiring namespace, a gateway
+//! on the LAN bridge, a client on the LAN. The cluster IP is 10.77.n.100/24
+//! ([`Lab::cluster_ip`]), the gateway probe target 10.77.n.1 ([`Lab::gateway`]).
 //!
 //! A pulled cable ([`Lab::pull`]) is the far end (the bridge port) set down: the board's own
 //! interface stays administratively up and loses carrier, as with a real cable. A veth reports
@@ -45,6 +32,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+pub use tandem::demo::netns::{Board, Cable, HEARTBEAT_PORT, LAN_PORT, NBD_PORT};
+use tandem::demo::netns::{Wiring, NETNS_DIR};
+
 use crate::{
     is_ci, pair, run_with_timeout, tool_available, CmdOutput, Node, NodeConfig,
     BACKING_BYTES_DEFAULT, COMMAND_TIMEOUT,
@@ -52,94 +42,9 @@ use crate::{
 
 /// The prefix of every lab namespace's name; [`cleanup_stale`] only touches names that carry it.
 pub const PREFIX: &str = "tnl";
-/// The heartbeat link's port on both boards.
-pub const HEARTBEAT_PORT: u16 = 7788;
-/// The lan link's port on both boards.
-pub const LAN_PORT: u16 = 7789;
-/// The NBD TCP port on the cluster IP.
-pub const NBD_PORT: u16 = 10809;
 
-/// Where `ip netns` keeps its namespace handles.
-const NETNS_DIR: &str = "/var/run/netns";
 /// The deadline of one `ip` command of the lab's own.
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One of the two boards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Board {
-    /// nas-a: 10.99.n.1 and 10.77.n.11; the preferred node of [`Lab::node_config`].
-    A,
-    /// nas-b: 10.99.n.2 and 10.77.n.12.
-    B,
-}
-
-impl Board {
-    /// "a" or "b".
-    pub fn letter(self) -> &'static str {
-        match self {
-            Board::A => "a",
-            Board::B => "b",
-        }
-    }
-
-    /// The node name: "nas-a" or "nas-b".
-    pub fn name(self) -> &'static str {
-        match self {
-            Board::A => "nas-a",
-            Board::B => "nas-b",
-        }
-    }
-
-    /// The other board.
-    pub fn peer(self) -> Board {
-        match self {
-            Board::A => Board::B,
-            Board::B => Board::A,
-        }
-    }
-
-    fn host_octet(self) -> u8 {
-        match self {
-            Board::A => 1,
-            Board::B => 2,
-        }
-    }
-}
-
-/// One of a board's two cables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cable {
-    /// The direct heartbeat cable (`hb0`, bridge `br-hb`).
-    Heartbeat,
-    /// The LAN cable (`lan0`, bridge `br-lan`).
-    Lan,
-}
-
-impl Cable {
-    /// The board's interface: "hb0" or "lan0".
-    pub fn ifname(self) -> &'static str {
-        match self {
-            Cable::Heartbeat => "hb0",
-            Cable::Lan => "lan0",
-        }
-    }
-
-    /// The bridge in the wiring namespace.
-    fn bridge(self) -> &'static str {
-        match self {
-            Cable::Heartbeat => "br-hb",
-            Cable::Lan => "br-lan",
-        }
-    }
-
-    /// The far end (bridge port) of `board`'s cable, in the wiring namespace.
-    fn far_end(self, board: Board) -> String {
-        match self {
-            Cable::Heartbeat => format!("{}-hb", board.letter()),
-            Cable::Lan => format!("{}-lan", board.letter()),
-        }
-    }
-}
 
 /// The state of an interface as `ip -o link show` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,14 +108,18 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 /// Runs `ip args...` with the lab's deadline.
-fn ip(args: &[&str]) -> CmdOutput {
-    run_with_timeout(Command::new("ip").args(args), IP_TIMEOUT)
+fn ip(args: &[impl AsRef<str>]) -> CmdOutput {
+    run_with_timeout(
+        Command::new("ip").args(args.iter().map(AsRef::as_ref)),
+        IP_TIMEOUT,
+    )
 }
 
 /// Runs `ip args...` and panics with its output unless it succeeded.
-fn ip_ok(args: &[&str]) -> CmdOutput {
+fn ip_ok(args: &[impl AsRef<str>]) -> CmdOutput {
     let out = ip(args);
-    out.assert_success(&format!("ip {}", args.join(" ")));
+    let words: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    out.assert_success(&format!("ip {}", words.join(" ")));
     out
 }
 
@@ -218,8 +127,7 @@ fn ip_ok(args: &[&str]) -> CmdOutput {
 /// Dropping it deletes the namespaces.
 #[derive(Debug)]
 pub struct Lab {
-    tag: String,
-    n: u8,
+    wiring: Wiring,
     /// The namespaces created so far (removed on drop).
     namespaces: Vec<String>,
 }
@@ -243,149 +151,77 @@ impl Lab {
         // subnet; distinct subnets only keep logs of parallel labs apart.
         let n = 1 + ((u64::from(pid) * 37 + counter) % 250) as u8;
         let mut lab = Lab {
-            tag: format!("{PREFIX}{pid}-{counter}"),
-            n,
+            wiring: Wiring::new(format!("{PREFIX}{pid}-{counter}"), n),
             namespaces: Vec::new(),
         };
-        lab.build();
+        for ns in lab.wiring.namespaces() {
+            ip_ok(&["netns", "add", &ns]);
+            lab.namespaces.push(ns);
+        }
+        for command in lab.wiring.build_commands() {
+            ip_ok(&command);
+        }
         Some(lab)
-    }
-
-    fn build(&mut self) {
-        let (w, a, b, c) = (
-            self.wiring_ns(),
-            self.board_ns(Board::A),
-            self.board_ns(Board::B),
-            self.client_ns(),
-        );
-        for ns in [&w, &a, &b, &c] {
-            ip_ok(&["netns", "add", ns]);
-            self.namespaces.push(ns.clone());
-            ip_ok(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        for cable in [Cable::Heartbeat, Cable::Lan] {
-            let bridge = cable.bridge();
-            ip_ok(&[
-                "-n",
-                &w,
-                "link",
-                "add",
-                bridge,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-            ]);
-            ip_ok(&["-n", &w, "link", "set", bridge, "up"]);
-        }
-        ip_ok(&[
-            "-n",
-            &w,
-            "addr",
-            "add",
-            &format!("{}/24", self.gateway()),
-            "dev",
-            "br-lan",
-        ]);
-        for board in [Board::A, Board::B] {
-            for cable in [Cable::Heartbeat, Cable::Lan] {
-                let address = match cable {
-                    Cable::Heartbeat => self.hb_ip(board),
-                    Cable::Lan => self.lan_ip(board),
-                };
-                self.wire(
-                    &self.board_ns(board),
-                    cable.ifname(),
-                    &cable.far_end(board),
-                    cable.bridge(),
-                    &address,
-                );
-            }
-        }
-        self.wire(&c, "lan0", "c-lan", "br-lan", &self.client_ip());
-    }
-
-    /// A veth pair `ifname` (in `ns`, with `address`/24, up) to `far` (a port of `bridge` in
-    /// the wiring namespace, up).
-    fn wire(&self, ns: &str, ifname: &str, far: &str, bridge: &str, address: &str) {
-        let w = self.wiring_ns();
-        ip_ok(&[
-            "-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", far, "netns", &w,
-        ]);
-        ip_ok(&["-n", &w, "link", "set", far, "master", bridge]);
-        ip_ok(&["-n", &w, "link", "set", far, "up"]);
-        ip_ok(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{address}/24"),
-            "dev",
-            ifname,
-        ]);
-        ip_ok(&["-n", ns, "link", "set", ifname, "up"]);
     }
 
     /// The lab's tag, the prefix of its namespaces' names (`tnl<pid>-<counter>`).
     pub fn tag(&self) -> &str {
-        &self.tag
+        self.wiring.tag()
     }
 
     /// The lab's subnet number n (10.77.n.0/24, 10.99.n.0/24).
     pub fn subnet(&self) -> u8 {
-        self.n
+        self.wiring.subnet()
     }
 
     /// The wiring namespace `<tag>w` (the two bridges).
     pub fn wiring_ns(&self) -> String {
-        format!("{}w", self.tag)
+        self.wiring.wiring_ns()
     }
 
     /// A board's namespace: `<tag>a` or `<tag>b`.
     pub fn board_ns(&self, board: Board) -> String {
-        format!("{}{}", self.tag, board.letter())
+        self.wiring.board_ns(board)
     }
 
     /// The client's namespace `<tag>c`.
     pub fn client_ns(&self) -> String {
-        format!("{}c", self.tag)
+        self.wiring.client_ns()
     }
 
     /// A board's heartbeat address: 10.99.n.1 (a) or 10.99.n.2 (b).
     pub fn hb_ip(&self, board: Board) -> String {
-        format!("10.99.{}.{}", self.n, board.host_octet())
+        self.wiring.hb_ip(board)
     }
 
     /// A board's fixed LAN address: 10.77.n.11 (a) or 10.77.n.12 (b).
     pub fn lan_ip(&self, board: Board) -> String {
-        format!("10.77.{}.{}", self.n, 10 + board.host_octet())
+        self.wiring.lan_ip(board)
     }
 
     /// The client's address: 10.77.n.50.
     pub fn client_ip(&self) -> String {
-        format!("10.77.{}.50", self.n)
+        self.wiring.client_ip()
     }
 
     /// The gateway (on `br-lan` in the wiring namespace), the uplink probe target: 10.77.n.1.
     pub fn gateway(&self) -> String {
-        format!("10.77.{}.1", self.n)
+        self.wiring.gateway()
     }
 
     /// The cluster IP: 10.77.n.100.
     pub fn cluster_ip(&self) -> String {
-        format!("10.77.{}.100", self.n)
+        self.wiring.cluster_ip()
     }
 
     /// The cluster IP with its prefix, as `[cluster] vip` has it: 10.77.n.100/24.
     pub fn cluster_cidr(&self) -> String {
-        format!("{}/24", self.cluster_ip())
+        self.wiring.cluster_cidr()
     }
 
     /// The NBD TCP address on the cluster IP: 10.77.n.100:10809.
     pub fn nbd_addr(&self) -> SocketAddr {
-        format!("{}:{NBD_PORT}", self.cluster_ip())
-            .parse()
-            .expect("a valid socket address")
+        self.wiring.nbd_addr()
     }
 
     /// Runs `args` inside namespace `ns` (`ip netns exec NS args...`, with a fresh sysfs) with
@@ -410,7 +246,7 @@ impl Lab {
             fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
         std::thread::scope(|scope| {
             let thread = scope.spawn(move || {
-                enter_net_namespace(&handle)
+                tandem::demo::netns::enter(&handle)
                     .unwrap_or_else(|e| panic!("setns into {}: {e}", path.display()));
                 drop(handle);
                 f()
@@ -481,23 +317,12 @@ impl Lab {
 
     /// Pulls `board`'s `cable`: its bridge port goes down, the board's interface loses carrier.
     pub fn pull(&self, board: Board, cable: Cable) {
-        self.set_far_end(board, cable, "down");
+        ip_ok(&self.wiring.cable_command(board, cable, false));
     }
 
     /// Plugs `board`'s `cable` back in.
     pub fn plug(&self, board: Board, cable: Cable) {
-        self.set_far_end(board, cable, "up");
-    }
-
-    fn set_far_end(&self, board: Board, cable: Cable, state: &str) {
-        ip_ok(&[
-            "-n",
-            &self.wiring_ns(),
-            "link",
-            "set",
-            &cable.far_end(board),
-            state,
-        ]);
+        ip_ok(&self.wiring.cable_command(board, cable, true));
     }
 
     /// The IPv4 addresses (with prefix) on `board`'s lan0.
@@ -626,7 +451,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if std::env::var_os("TANDEM_KEEP_NETNS").is_some() {
-            eprintln!("keeping the namespaces of lab {}", self.tag);
+            eprintln!("keeping the namespaces of lab {}", self.tag());
             return;
         }
         for ns in self.namespaces.drain(..).rev() {
@@ -636,16 +461,6 @@ impl Drop for Lab {
             }
         }
     }
-}
-
-/// Moves the calling thread into the network namespace behind `handle` (a file of
-/// /var/run/netns).
-fn enter_net_namespace(handle: &fs::File) -> io::Result<()> {
-    rustix::thread::move_into_link_name_space(
-        std::os::fd::AsFd::as_fd(handle),
-        Some(rustix::thread::LinkNameSpaceType::Network),
-    )
-    .map_err(io::Error::from)
 }
 
 #[cfg(test)]

@@ -160,9 +160,16 @@ fn assert_passed(run: &Run) {
             run.describe()
         );
     }
+    // "  bytes resynced   25.0 MiB (26214400 bytes): ...": the exact count, not its rounding.
+    let resynced = out
+        .lines()
+        .find_map(|l| l.strip_prefix("  bytes resynced "))
+        .and_then(|rest| rest.split_once('('))
+        .and_then(|(_, count)| count.split_once(" bytes)"))
+        .and_then(|(bytes, _)| bytes.parse::<u64>().ok());
     assert!(
-        !out.contains("bytes resynced   0.0 MiB"),
-        "nothing resynced: {}",
+        resynced.is_some_and(|bytes| bytes > 0),
+        "nothing resynced ({resynced:?}): {}",
         run.describe()
     );
 }
@@ -248,27 +255,19 @@ fn the_demo_runs_on_loopback_for_an_unprivileged_user() {
     // that user can write.
     let dir = TempDir::new("demo-nobody");
     let bin = copy_executable(tandem_bin(), dir.path());
-    let tmp = PathBuf::from("/tmp");
-    let mut command = Command::new("setpriv");
-    command
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-        ])
-        .arg(&bin)
-        .arg("demo")
-        .env("TMPDIR", &tmp);
-    let probe = Command::new("setpriv")
-        .args([
-            &format!("--reuid={NOBODY}"),
-            &format!("--regid={NOBODY}"),
-            "--clear-groups",
-        ])
-        .arg(&bin)
-        .arg("--version")
-        .output()
-        .expect("spawn setpriv");
+    let as_nobody = |arg: &str| {
+        let mut command = Command::new("setpriv");
+        command
+            .args([
+                &format!("--reuid={NOBODY}"),
+                &format!("--regid={NOBODY}"),
+                "--clear-groups",
+            ])
+            .arg(&bin)
+            .arg(arg);
+        command
+    };
+    let probe = as_nobody("--version").output().expect("spawn setpriv");
     if !probe.status.success() {
         assert!(
             !is_ci(),
@@ -277,7 +276,8 @@ fn the_demo_runs_on_loopback_for_an_unprivileged_user() {
         eprintln!("SKIPPED: cannot run as uid {NOBODY}: {probe:?}");
         return;
     }
-    let run = run_demo(&mut command);
+    let tmp = PathBuf::from("/tmp");
+    let run = run_demo(as_nobody("demo").env("TMPDIR", &tmp));
     assert_passed(&run);
     assert!(
         run.stdout.contains("lab: loopback"),

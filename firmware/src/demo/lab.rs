@@ -4,21 +4,13 @@
 //!
 //! Two kinds of network, chosen by what the machine allows:
 //!
-//! - **Namespaces** (root and `ip` available): a board per network namespace, each with a
-//!   heartbeat cable and a LAN cable (veth pairs whose far ends are ports of two bridges in a
-//!   wiring namespace), a gateway on the LAN bridge, a client namespace on the LAN, and a
-//!   cluster IP. Automatic failover works here. A power cut is both far ends set down (the
-//!   board's interfaces lose carrier, as with a pulled plug), SIGKILL, and the cluster IP
-//!   dropped from the dead board (its kernel would not hold it after a reboot).
-//!
-//! ```text
-//!   <tag>a (nas-a)           <tag>w (wiring)             <tag>b (nas-b)
-//!   hb0  10.99.n.1 ===== a-hb ── br-hb ── b-hb ===== hb0  10.99.n.2
-//!   lan0 10.77.n.11 ==== a-lan ─ br-lan ─ b-lan ==== lan0 10.77.n.12
-//!                                  │ 10.77.n.1 (gateway)
-//!                                c-lan ==== lan0 10.77.n.50 <tag>c (client)
-//!   cluster IP 10.77.n.100, NBD on 10.77.n.100:10809
-//! ```
+//! - **Namespaces** (root and `ip` available): the wiring of [`super::netns`], the test
+//!   harness's own: a board per network namespace, each with a heartbeat cable and a LAN cable
+//!   (veth pairs whose far ends are ports of two bridges in a wiring namespace), a gateway on
+//!   the LAN bridge, a client namespace on the LAN, and a cluster IP. Automatic failover works
+//!   here. A power cut is both far ends set down (the board's interfaces lose carrier, as with a
+//!   pulled plug), SIGKILL, and the cluster IP dropped from the dead board (its kernel would not
+//!   hold it after a reboot).
 //!
 //! - **Loopback** (otherwise): nas-a on 127.0.0.1 and nas-b on 127.0.0.2 with free ports. There
 //!   is no cluster IP, so automatic failover is off (rule 5) and the story acts as the operator.
@@ -29,8 +21,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::os::fd::AsFd;
+use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -39,18 +30,13 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::nbd_client::Endpoint;
+use super::netns::{self, Board, Cable, Wiring, HEARTBEAT_PORT, LAN_PORT, NETNS_DIR};
 use super::{wait_for, DemoError, Signals};
 
 /// Each node's backing file (sparse): room for the copy and tandem's metadata at the end.
-pub(crate) const BACKING_BYTES: u64 = 192 << 20;
+const BACKING_BYTES: u64 = 192 << 20;
 /// The prefix of the demo's namespace names.
 const NETNS_PREFIX: &str = "tdemo";
-/// Where `ip netns` keeps its namespace handles.
-const NETNS_DIR: &str = "/var/run/netns";
-/// Ports of the links and of NBD inside the namespaces (each board has its own addresses).
-const HEARTBEAT_PORT: u16 = 7788;
-const LAN_PORT: u16 = 7789;
-const NBD_PORT: u16 = 10809;
 /// Loopback addresses of the two nodes.
 const LOOPBACK_A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const LOOPBACK_B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -58,44 +44,6 @@ const LOOPBACK_B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a control-socket request may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One of the two boards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Board {
-    A,
-    B,
-}
-
-impl Board {
-    /// The node's name.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Board::A => "nas-a",
-            Board::B => "nas-b",
-        }
-    }
-
-    pub(crate) fn peer(self) -> Board {
-        match self {
-            Board::A => Board::B,
-            Board::B => Board::A,
-        }
-    }
-
-    fn letter(self) -> &'static str {
-        match self {
-            Board::A => "a",
-            Board::B => "b",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            Board::A => 0,
-            Board::B => 1,
-        }
-    }
-}
 
 /// The scratch directory: removed on drop, except the logs and configs when the demo failed.
 #[derive(Debug)]
@@ -144,9 +92,7 @@ impl Drop for Scratch {
 #[derive(Debug)]
 struct Namespaces {
     ip: PathBuf,
-    tag: String,
-    /// The subnet number n of 10.77.n.0/24 and 10.99.n.0/24.
-    n: u8,
+    wiring: Wiring,
     created: Vec<String>,
 }
 
@@ -156,112 +102,37 @@ impl Namespaces {
         let pid = std::process::id();
         let mut net = Namespaces {
             ip,
-            tag: format!("{NETNS_PREFIX}{pid}"),
-            n: 1 + (pid % 250) as u8,
+            wiring: Wiring::new(format!("{NETNS_PREFIX}{pid}"), 1 + (pid % 250) as u8),
             created: Vec::new(),
         };
-        let (w, c) = (net.ns("w"), net.ns("c"));
-        for ns in [&w, &net.board_ns(Board::A), &net.board_ns(Board::B), &c] {
+        for ns in net.wiring.namespaces() {
             signals.check()?;
-            net.ip(&["netns", "add", ns])?;
-            net.created.push(ns.clone());
-            net.ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            net.ip(&["netns", "add", &ns])?;
+            net.created.push(ns);
         }
-        for bridge in ["br-hb", "br-lan"] {
-            net.ip(&[
-                "-n",
-                &w,
-                "link",
-                "add",
-                bridge,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-            ])?;
-            net.ip(&["-n", &w, "link", "set", bridge, "up"])?;
-        }
-        let gateway = format!("{}/24", net.gateway());
-        net.ip(&["-n", &w, "addr", "add", &gateway, "dev", "br-lan"])?;
-        for board in [Board::A, Board::B] {
+        for command in net.wiring.build_commands() {
             signals.check()?;
-            let ns = net.board_ns(board);
-            let (hb_far, lan_far) = far_ends(board);
-            net.wire(&ns, "hb0", &hb_far, "br-hb", &net.hb_ip(board))?;
-            net.wire(&ns, "lan0", &lan_far, "br-lan", &net.lan_ip(board))?;
+            net.ip(&command)?;
         }
-        net.wire(&c, "lan0", "c-lan", "br-lan", &net.client_ip())?;
         Ok(net)
     }
 
-    /// A veth pair: `ifname` in `ns` with `address`/24, its far end a port of `bridge`.
-    fn wire(
-        &self,
-        ns: &str,
-        ifname: &str,
-        far: &str,
-        bridge: &str,
-        address: &str,
-    ) -> Result<(), DemoError> {
-        let w = self.ns("w");
-        let address = format!("{address}/24");
-        self.ip(&[
-            "-n", ns, "link", "add", ifname, "type", "veth", "peer", "name", far, "netns", &w,
-        ])?;
-        self.ip(&["-n", &w, "link", "set", far, "master", bridge])?;
-        self.ip(&["-n", &w, "link", "set", far, "up"])?;
-        self.ip(&["-n", ns, "addr", "add", &address, "dev", ifname])?;
-        self.ip(&["-n", ns, "link", "set", ifname, "up"])
-    }
-
-    fn ns(&self, role: &str) -> String {
-        format!("{}{role}", self.tag)
-    }
-
-    fn board_ns(&self, board: Board) -> String {
-        self.ns(board.letter())
-    }
-
-    fn hb_ip(&self, board: Board) -> String {
-        format!("10.99.{}.{}", self.n, 1 + board.index())
-    }
-
-    fn lan_ip(&self, board: Board) -> String {
-        format!("10.77.{}.{}", self.n, 11 + board.index())
-    }
-
-    fn client_ip(&self) -> String {
-        format!("10.77.{}.50", self.n)
-    }
-
-    fn gateway(&self) -> String {
-        format!("10.77.{}.1", self.n)
-    }
-
-    fn cluster_ip(&self) -> String {
-        format!("10.77.{}.100", self.n)
-    }
-
-    fn nbd_addr(&self) -> SocketAddr {
-        SocketAddr::from(([10, 77, self.n, 100], NBD_PORT))
-    }
-
-    /// Both of `board`'s cables: live (`up`) or dead (`down`).
-    fn set_cables(&self, board: Board, state: &str) -> Result<(), DemoError> {
-        let (hb_far, lan_far) = far_ends(board);
-        let w = self.ns("w");
-        self.ip(&["-n", &w, "link", "set", &hb_far, state])?;
-        self.ip(&["-n", &w, "link", "set", &lan_far, state])
+    /// Both of `board`'s cables: plugged in or pulled.
+    fn set_cables(&self, board: Board, plugged: bool) -> Result<(), DemoError> {
+        for cable in [Cable::Heartbeat, Cable::Lan] {
+            self.ip(&self.wiring.cable_command(board, cable, plugged))?;
+        }
+        Ok(())
     }
 
     /// Drops the cluster IP from `board`'s lan0 if it holds it.
     fn drop_cluster_ip(&self, board: Board) {
-        let address = format!("{}/24", self.cluster_ip());
-        let ns = self.board_ns(board);
+        let address = self.wiring.cluster_cidr();
+        let ns = self.wiring.board_ns(board);
         let _ = self.ip(&["-n", &ns, "addr", "del", &address, "dev", "lan0"]);
     }
 
-    fn ip(&self, args: &[&str]) -> Result<(), DemoError> {
+    fn ip(&self, args: &[impl AsRef<str>]) -> Result<(), DemoError> {
         run_ip(&self.ip, args).map_err(failed)
     }
 }
@@ -276,18 +147,11 @@ impl Drop for Namespaces {
     }
 }
 
-/// The far ends (bridge ports) of `board`'s heartbeat and LAN cables.
-fn far_ends(board: Board) -> (String, String) {
-    (
-        format!("{}-hb", board.letter()),
-        format!("{}-lan", board.letter()),
-    )
-}
-
 /// Runs `ip args...`; the error is its stderr.
-fn run_ip(ip: &Path, args: &[&str]) -> Result<(), String> {
+fn run_ip(ip: &Path, args: &[impl AsRef<str>]) -> Result<(), String> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let out = Command::new(ip)
-        .args(args)
+        .args(&args)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("{}: {e}", ip.display()))?;
@@ -394,12 +258,7 @@ impl ClientSide {
         let Some(path) = &self.0 else {
             return Ok(());
         };
-        let handle = fs::File::open(path)?;
-        rustix::thread::move_into_link_name_space(
-            handle.as_fd(),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )?;
-        Ok(())
+        netns::enter(&fs::File::open(path)?)
     }
 }
 
@@ -494,20 +353,20 @@ impl Lab {
         let node = &self.nodes[board.index()];
         let peer = board.peer();
         let (heartbeat, lan, volume_extra, cluster_extra) = match &self.network {
-            Network::Namespaces(net) => (
+            Network::Namespaces(Namespaces { wiring, .. }) => (
                 (
-                    format!("{}:{HEARTBEAT_PORT}", net.hb_ip(board)),
-                    format!("{}:{HEARTBEAT_PORT}", net.hb_ip(peer)),
+                    format!("{}:{HEARTBEAT_PORT}", wiring.hb_ip(board)),
+                    format!("{}:{HEARTBEAT_PORT}", wiring.hb_ip(peer)),
                 ),
                 (
-                    format!("{}:{LAN_PORT}", net.lan_ip(board)),
-                    format!("{}:{LAN_PORT}", net.lan_ip(peer)),
+                    format!("{}:{LAN_PORT}", wiring.lan_ip(board)),
+                    format!("{}:{LAN_PORT}", wiring.lan_ip(peer)),
                 ),
-                format!("nbd_listen = \"{}\"\n", net.nbd_addr()),
+                format!("nbd_listen = \"{}\"\n", wiring.nbd_addr()),
                 format!(
-                    "vip = \"{}/24\"\nuplink_probe = \"{}\"\n",
-                    net.cluster_ip(),
-                    net.gateway()
+                    "vip = \"{}\"\nuplink_probe = \"{}\"\n",
+                    wiring.cluster_cidr(),
+                    wiring.gateway()
                 ),
             ),
             Network::Loopback {
@@ -563,17 +422,17 @@ impl Lab {
     /// Lines that say how the lab is built.
     pub(crate) fn describe(&self) -> Vec<String> {
         let mut lines = match &self.network {
-            Network::Namespaces(net) => vec![
+            Network::Namespaces(Namespaces { wiring, .. }) => vec![
                 format!(
                     "lab: network namespaces {}*: nas-a and nas-b each with a heartbeat cable and a \
                      LAN cable, a client on the LAN",
-                    net.tag
+                    wiring.tag()
                 ),
                 format!(
                     "     cluster IP {} (NBD on {}), gateway {}",
-                    net.cluster_ip(),
-                    net.nbd_addr(),
-                    net.gateway()
+                    wiring.cluster_ip(),
+                    wiring.nbd_addr(),
+                    wiring.gateway()
                 ),
             ],
             Network::Loopback { .. } => vec![
@@ -602,7 +461,7 @@ impl Lab {
     /// Where the client finds the volume, in the order it tries them.
     pub(crate) fn endpoints(&self) -> Vec<Endpoint> {
         match &self.network {
-            Network::Namespaces(net) => vec![Endpoint::Tcp(net.nbd_addr())],
+            Network::Namespaces(net) => vec![Endpoint::Tcp(net.wiring.nbd_addr())],
             Network::Loopback { .. } => self
                 .nodes
                 .iter()
@@ -614,7 +473,9 @@ impl Lab {
     /// Where the client sits.
     pub(crate) fn client_side(&self) -> ClientSide {
         match &self.network {
-            Network::Namespaces(net) => ClientSide(Some(Path::new(NETNS_DIR).join(net.ns("c")))),
+            Network::Namespaces(net) => {
+                ClientSide(Some(Path::new(NETNS_DIR).join(net.wiring.client_ns())))
+            }
             Network::Loopback { .. } => ClientSide(None),
         }
     }
@@ -623,7 +484,7 @@ impl Lab {
     pub(crate) fn start(&mut self, board: Board, signals: &Signals) -> Result<u32, DemoError> {
         let exe = self.exe.clone();
         let netns = match &self.network {
-            Network::Namespaces(net) => Some((net.ip.clone(), net.board_ns(board))),
+            Network::Namespaces(net) => Some((net.ip.clone(), net.wiring.board_ns(board))),
             Network::Loopback { .. } => None,
         };
         let node = &mut self.nodes[board.index()];
@@ -687,7 +548,7 @@ impl Lab {
         let node = &mut self.nodes[board.index()];
         let at = match &self.network {
             Network::Namespaces(net) => {
-                net.set_cables(board, "down")?;
+                net.set_cables(board, false)?;
                 let at = Instant::now();
                 node.kill();
                 net.drop_cluster_ip(board);
@@ -705,7 +566,7 @@ impl Lab {
     /// The power returns to `board`: cables live again (the node is started separately).
     pub(crate) fn power_on(&mut self, board: Board) -> Result<(), DemoError> {
         match &self.network {
-            Network::Namespaces(net) => net.set_cables(board, "up"),
+            Network::Namespaces(net) => net.set_cables(board, true),
             Network::Loopback { .. } => Ok(()),
         }
     }

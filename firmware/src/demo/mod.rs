@@ -5,6 +5,7 @@
 //!
 //! - [`lab`] owns what the demo creates (the nodes, the network, the scratch directory) and
 //!   removes it on drop, on every path out, Ctrl-C included;
+//! - [`netns`] is the network in namespaces as data, shared with the test harness's lab;
 //! - [`nbd_client`] is the client's protocol;
 //! - [`workload`] is what the client copies and checks;
 //! - [`story`] is the sequence of events and what is said about them; [`screen`] prints it.
@@ -14,6 +15,7 @@
 
 mod lab;
 mod nbd_client;
+pub mod netns;
 mod screen;
 mod story;
 mod workload;

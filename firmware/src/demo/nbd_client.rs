@@ -14,9 +14,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::wire::nbd::{
-    client_flags, command, emit_request, handshake_flags, info, option, option_reply, Request,
-    GREETING_LEN, NBD_MAGIC, OPTION_HEADER_LEN, OPTION_MAGIC, OPTION_REPLY_HEADER_LEN,
-    OPTION_REPLY_MAGIC, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
+    be_u16, be_u32, be_u64, client_flags, command, emit_request, handshake_flags, info, option,
+    option_reply, Request, GREETING_LEN, NBD_MAGIC, OPTION_HEADER_LEN, OPTION_MAGIC,
+    OPTION_REPLY_HEADER_LEN, OPTION_REPLY_MAGIC, SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC,
 };
 
 /// The largest option reply payload the client reads (the spec caps strings at 4096 bytes).
@@ -84,7 +84,7 @@ impl From<io::Error> for RequestError {
 }
 
 /// Whether an I/O error is a deadline that passed.
-pub(crate) fn is_timeout(e: &io::Error) -> bool {
+fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
@@ -158,10 +158,10 @@ impl NbdClient {
         let mut connection = Connection::open(endpoint, timeouts)?;
         let mut greeting = [0u8; GREETING_LEN];
         connection.read_exact(&mut greeting)?;
-        if be_u64(&greeting[0..8]) != NBD_MAGIC || be_u64(&greeting[8..16]) != OPTION_MAGIC {
+        if be_u64(&greeting, 0) != NBD_MAGIC || be_u64(&greeting, 8) != OPTION_MAGIC {
             return Err(RequestError::Protocol("not an NBD server".to_string()));
         }
-        let flags = u16::from_be_bytes([greeting[16], greeting[17]]);
+        let flags = be_u16(&greeting, 16);
         if flags & handshake_flags::FIXED_NEWSTYLE == 0 {
             return Err(RequestError::Protocol("no fixed newstyle".to_string()));
         }
@@ -223,15 +223,15 @@ impl NbdClient {
     fn reply(&mut self, cookie: u64) -> Result<(), RequestError> {
         let mut head = [0u8; SIMPLE_REPLY_LEN];
         self.connection.read_exact(&mut head)?;
-        if be_u32(&head[0..4]) != SIMPLE_REPLY_MAGIC {
+        if be_u32(&head, 0) != SIMPLE_REPLY_MAGIC {
             return Err(RequestError::Protocol("bad reply magic".to_string()));
         }
-        if be_u64(&head[8..16]) != cookie {
+        if be_u64(&head, 8) != cookie {
             return Err(RequestError::Protocol(
                 "reply to another request".to_string(),
             ));
         }
-        match be_u32(&head[4..8]) {
+        match be_u32(&head, 4) {
             0 => Ok(()),
             errno => Err(RequestError::Nbd(errno)),
         }
@@ -253,11 +253,11 @@ fn go(connection: &mut Connection) -> Result<(), RequestError> {
     loop {
         let mut head = [0u8; OPTION_REPLY_HEADER_LEN];
         connection.read_exact(&mut head)?;
-        if be_u64(&head[0..8]) != OPTION_REPLY_MAGIC || be_u32(&head[8..12]) != option::GO {
+        if be_u64(&head, 0) != OPTION_REPLY_MAGIC || be_u32(&head, 8) != option::GO {
             return Err(RequestError::Protocol("bad option reply".to_string()));
         }
-        let reply_type = be_u32(&head[12..16]);
-        let length = be_u32(&head[16..20]) as usize;
+        let reply_type = be_u32(&head, 12);
+        let length = be_u32(&head, 16) as usize;
         if length > OPTION_REPLY_BYTES_MAX {
             return Err(RequestError::Protocol("option reply too large".to_string()));
         }
@@ -268,7 +268,7 @@ fn go(connection: &mut Connection) -> Result<(), RequestError> {
             return Err(RequestError::Refused(reason));
         }
         match reply_type {
-            option_reply::INFO if data.len() == 12 && be_u16(&data[0..2]) == info::EXPORT => {
+            option_reply::INFO if data.len() == 12 && be_u16(&data, 0) == info::EXPORT => {
                 described = true;
             }
             option_reply::INFO => {}
@@ -285,22 +285,4 @@ fn go(connection: &mut Connection) -> Result<(), RequestError> {
             }
         }
     }
-}
-
-fn be_u16(bytes: &[u8]) -> u16 {
-    let mut b = [0u8; 2];
-    b.copy_from_slice(&bytes[..2]);
-    u16::from_be_bytes(b)
-}
-
-fn be_u32(bytes: &[u8]) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&bytes[..4]);
-    u32::from_be_bytes(b)
-}
-
-fn be_u64(bytes: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[..8]);
-    u64::from_be_bytes(b)
 }

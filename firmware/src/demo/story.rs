@@ -10,7 +10,8 @@
 use std::thread::ScopedJoinHandle;
 use std::time::{Duration, Instant};
 
-use super::lab::{Board, Lab};
+use super::lab::Lab;
+use super::netns::Board;
 use super::screen::{duration, mib, Screen};
 use super::workload::{self, ClientEvent, Dataset, JobError, Shared};
 use super::{wait_for, DemoError, Signals};

@@ -30,7 +30,7 @@ const SMALL_FILE_SLOT_BYTES: u64 = 64 << 10;
 const SMALL_FILES_OFFSET: u64 = LARGE_FILE_BYTES;
 
 /// The client's patience, as a user's NAS mount would have it short.
-pub(crate) const TIMEOUTS: Timeouts = Timeouts {
+const TIMEOUTS: Timeouts = Timeouts {
     connect: Duration::from_millis(250),
     request: Duration::from_millis(500),
 };
@@ -383,35 +383,34 @@ fn each_attempt<T>(
     }
 }
 
+/// Writes `file` from its start, one request at a time.
 fn copy_file(
     session: &mut Session<'_>,
     index: usize,
     file: &File,
     base: u64,
 ) -> Result<(), Interrupted> {
+    let shared = session.shared;
     let mut buf = Vec::with_capacity(REQUEST_BYTES as usize);
-    let mut at = 0;
-    session.shared.set_progress(index, 0, base);
-    while at < file.bytes {
-        if session.shared.is_stopped() {
-            return Err(JobError::Stopped.into());
-        }
-        file.chunk(at, &mut buf);
-        let (client, connected_at) = session.client()?;
-        if let Err(e) = client.write(file.offset + at, &buf) {
-            session.failed(format!("the write at {} of {}", mib(at), file.name), &e);
-            return Err(Interrupted::Retry);
-        }
-        lock(&session.shared.acks).push(Ack {
-            at: Instant::now(),
-            connected_at,
-        });
-        at += buf.len() as u64;
-        session.shared.set_progress(index, at, base);
-    }
-    Ok(())
+    each_request(
+        session,
+        index,
+        file,
+        base,
+        "write",
+        |client, connected_at, at, _| {
+            file.chunk(at, &mut buf);
+            client.write(file.offset + at, &buf)?;
+            lock(&shared.acks).push(Ack {
+                at: Instant::now(),
+                connected_at,
+            });
+            Ok(())
+        },
+    )
 }
 
+/// Reads `file` from its start, one request at a time, and returns its SHA-256.
 fn read_file(
     session: &mut Session<'_>,
     index: usize,
@@ -420,6 +419,25 @@ fn read_file(
 ) -> Result<[u8; 32], Interrupted> {
     let mut hasher = Sha256::new();
     let mut buf = Vec::with_capacity(REQUEST_BYTES as usize);
+    each_request(session, index, file, base, "read", |client, _, at, len| {
+        client.read(file.offset + at, len, &mut buf)?;
+        hasher.update(&buf);
+        Ok(())
+    })?;
+    Ok(hasher.finalize().into())
+}
+
+/// One pass over `file` (the `index`-th, after `base` bytes of the job): `request(client,
+/// connected_at, at, len)` for each piece of at most [`REQUEST_BYTES`], progress noted after
+/// each; the first failed request gives the connection up (its `verb` says what failed).
+fn each_request(
+    session: &mut Session<'_>,
+    index: usize,
+    file: &File,
+    base: u64,
+    verb: &str,
+    mut request: impl FnMut(&mut NbdClient, Instant, u64, u32) -> Result<(), RequestError>,
+) -> Result<(), Interrupted> {
     let mut at = 0;
     session.shared.set_progress(index, 0, base);
     while at < file.bytes {
@@ -427,16 +445,15 @@ fn read_file(
             return Err(JobError::Stopped.into());
         }
         let len = (file.bytes - at).min(REQUEST_BYTES) as u32;
-        let (client, _) = session.client()?;
-        if let Err(e) = client.read(file.offset + at, len, &mut buf) {
-            session.failed(format!("the read at {} of {}", mib(at), file.name), &e);
+        let (client, connected_at) = session.client()?;
+        if let Err(e) = request(client, connected_at, at, len) {
+            session.failed(format!("the {verb} at {} of {}", mib(at), file.name), &e);
             return Err(Interrupted::Retry);
         }
-        hasher.update(&buf);
         at += u64::from(len);
         session.shared.set_progress(index, at, base);
     }
-    Ok(hasher.finalize().into())
+    Ok(())
 }
 
 #[cfg(test)]

@@ -212,17 +212,17 @@ pub const EXPORT_NAME_REPLY_LEN: usize = 10;
 /// Zero padding after the `NBD_OPT_EXPORT_NAME` reply unless `NO_ZEROES` was agreed.
 pub const EXPORT_NAME_PADDING_LEN: usize = 124;
 
-fn be_u16(bytes: &[u8], at: usize) -> u16 {
+pub(crate) fn be_u16(bytes: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([bytes[at], bytes[at + 1]])
 }
 
-fn be_u32(bytes: &[u8], at: usize) -> u32 {
+pub(crate) fn be_u32(bytes: &[u8], at: usize) -> u32 {
     let mut b = [0u8; 4];
     b.copy_from_slice(&bytes[at..at + 4]);
     u32::from_be_bytes(b)
 }
 
-fn be_u64(bytes: &[u8], at: usize) -> u64 {
+pub(crate) fn be_u64(bytes: &[u8], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&bytes[at..at + 8]);
     u64::from_be_bytes(b)
