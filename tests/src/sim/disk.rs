@@ -143,15 +143,7 @@ impl SimDisk {
             !self.pending.contains_key(&tag),
             "disk tag {tag} submitted twice"
         );
-        let (offset, len) = match &request {
-            DiskRequest::Read { offset, buf } | DiskRequest::Write { offset, buf, .. } => {
-                (*offset, buf.len() as u64)
-            }
-            DiskRequest::Flush => (0, 0),
-            DiskRequest::Discard { offset, len, .. }
-            | DiskRequest::WriteZeroes { offset, len, .. }
-            | DiskRequest::MapExtents { offset, len } => (*offset, *len),
-        };
+        let (offset, len) = request_extent(&request);
         assert!(
             offset
                 .checked_add(len)
@@ -181,15 +173,7 @@ impl SimDisk {
         self.seq += 1;
         if pending.fails {
             self.faults_injected += 1;
-            let buf = match pending.request {
-                DiskRequest::Read { buf, .. } | DiskRequest::Write { buf, .. } => Some(buf),
-                _ => None,
-            };
-            return DiskCompletion {
-                tag,
-                result: Err(DiskError { errno: EIO }),
-                buf,
-            };
+            return failed_completion(tag, pending.request);
         }
         let result = match pending.request {
             DiskRequest::Read { offset, mut buf } => {
@@ -218,14 +202,7 @@ impl SimDisk {
                 self.write(offset, &vec![0; len as usize], fua);
                 DiskDone::Done
             }
-            DiskRequest::MapExtents { len, .. } => {
-                let mut extents = heapless::Vec::new();
-                let _ = extents.push(Extent {
-                    len,
-                    is_hole: false,
-                });
-                DiskDone::Extents(Box::new(extents))
-            }
+            DiskRequest::MapExtents { len, .. } => allocated_extents(len),
         };
         DiskCompletion {
             tag,
@@ -323,4 +300,41 @@ impl SimDisk {
             self.durable[at..at + SECTOR_BYTES].copy_from_slice(&newest_covered);
         }
     }
+}
+
+/// The bytes a request touches, as `(offset, len)` (a flush touches none).
+pub fn request_extent(request: &DiskRequest) -> (u64, u64) {
+    match request {
+        DiskRequest::Read { offset, buf } | DiskRequest::Write { offset, buf, .. } => {
+            (*offset, buf.len() as u64)
+        }
+        DiskRequest::Flush => (0, 0),
+        DiskRequest::Discard { offset, len, .. }
+        | DiskRequest::WriteZeroes { offset, len, .. }
+        | DiskRequest::MapExtents { offset, len } => (*offset, *len),
+    }
+}
+
+/// The completion of a request that failed with EIO: it changed nothing, and its buffer comes
+/// back.
+pub fn failed_completion(tag: u64, request: DiskRequest) -> DiskCompletion {
+    let buf = match request {
+        DiskRequest::Read { buf, .. } | DiskRequest::Write { buf, .. } => Some(buf),
+        _ => None,
+    };
+    DiskCompletion {
+        tag,
+        result: Err(DiskError { errno: EIO }),
+        buf,
+    }
+}
+
+/// What `MapExtents` of `len` bytes finds: one allocated extent (a simulated disk has no holes).
+pub fn allocated_extents(len: u64) -> DiskDone {
+    let mut extents = heapless::Vec::new();
+    let _ = extents.push(Extent {
+        len,
+        is_hole: false,
+    });
+    DiskDone::Extents(Box::new(extents))
 }

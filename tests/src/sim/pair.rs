@@ -262,10 +262,10 @@ pub enum Event {
 
 /// One entry of the timeline.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Happening {
-    pub at: u64,
-    pub board: Option<usize>,
-    pub event: Event,
+struct Happening {
+    at: u64,
+    board: Option<usize>,
+    event: Event,
 }
 
 /// A write acknowledgement: when, by which board, in which epoch.
@@ -341,28 +341,10 @@ impl PairSim {
         sim
     }
 
-    /// A pair with the default options.
-    pub fn with_seed(seed: u64) -> PairSim {
-        PairSim::new(seed, PairOptions::default())
-    }
-
     // ---- getters -------------------------------------------------------------------------
 
     pub fn now(&self) -> u64 {
         self.now
-    }
-
-    pub fn options(&self) -> &PairOptions {
-        &self.options
-    }
-
-    pub fn report(&self) -> &PairReport {
-        &self.report
-    }
-
-    /// The timeline so far (the last `TIMELINE_MAX` entries unless tracing).
-    pub fn timeline(&self) -> &[Happening] {
-        &self.timeline
     }
 
     /// Every write acknowledgement so far.
@@ -431,19 +413,17 @@ impl PairSim {
         (primaries.len() == 1).then(|| primaries[0])
     }
 
-    /// When `event` first happened on `board` at or after `since`.
-    pub fn first_event(&self, board: usize, since: u64, event: &Event) -> Option<u64> {
+    /// When something on `board` at or after `since` first matched (in the timeline kept).
+    pub fn first_event(&self, board: usize, since: u64, f: impl Fn(&Event) -> bool) -> Option<u64> {
         self.timeline
             .iter()
-            .find(|h| h.at >= since && h.board == Some(board) && h.event == *event)
+            .find(|h| h.at >= since && h.board == Some(board) && f(&h.event))
             .map(|h| h.at)
     }
 
     /// Whether anything on `board` at or after `since` matches.
     pub fn any_event(&self, board: usize, since: u64, f: impl Fn(&Event) -> bool) -> bool {
-        self.timeline
-            .iter()
-            .any(|h| h.at >= since && h.board == Some(board) && f(&h.event))
+        self.first_event(board, since, f).is_some()
     }
 
     /// The timeline as text, one line per entry.
@@ -522,6 +502,8 @@ impl PairSim {
         }
         plan.stop(&mut self);
         self.settle()?;
+        self.report.acked_writes = self.acks.len() as u64;
+        self.report.reads_checked = self.work.model.reads_checked;
         Ok(self.report)
     }
 
@@ -629,7 +611,6 @@ impl PairSim {
                 .check_read(block, bytes, now, now, "the settled volume");
             result.map_err(|e| self.fail(Violation::LostWrite, &e))?;
         }
-        self.report.reads_checked = self.work.model.reads_checked;
         Ok(())
     }
 
@@ -663,20 +644,14 @@ impl PairSim {
         let mut next = u64::MAX;
         let mut at = |t: u64| next = next.min(t);
         for b in &self.boards {
-            match b.power {
-                Power::Booting { ready_at } => at(ready_at),
-                Power::Off => {}
-                Power::On => {}
+            if let Power::Booting { ready_at } = b.power {
+                at(ready_at);
             }
-            if let Some(Some(until)) = b.stalled {
-                at(until);
-            }
-            match b.daemon {
-                Daemon::Hung { until: Some(t) } => at(t),
-                Daemon::Dead {
-                    restart_at: Some(t),
-                } => at(t),
-                _ => {}
+            if let Daemon::Dead {
+                restart_at: Some(t),
+            } = b.daemon
+            {
+                at(t);
             }
             if let Some(since) = b.wd_unpetted_since {
                 at(since + b.wd_reset_ms);
@@ -913,9 +888,4 @@ impl PairSim {
 fn happening_text(h: &Happening) -> String {
     let who = h.board.map_or("pair", |i| NAMES[i]);
     format!("{:>8} ms {who:<5} {:?}", h.at, h.event)
-}
-
-/// A whole run: `PairSim::new(seed, options).run(fault_ms)`.
-pub fn run_seed(seed: u64, fault_ms: u64, options: PairOptions) -> Outcome<PairReport> {
-    PairSim::new(seed, options).run(fault_ms)
 }

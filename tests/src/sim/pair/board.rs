@@ -43,10 +43,8 @@ pub(super) enum Power {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Daemon {
     Running,
-    /// SIGSTOP: resumes at `until` (if set).
-    Hung {
-        until: Option<u64>,
-    },
+    /// SIGSTOP: resumes at SIGCONT.
+    Hung,
     /// Crashed, or stopped cleanly: restarts at `restart_at` (if set).
     Dead {
         restart_at: Option<u64>,
@@ -130,8 +128,8 @@ impl Device for SimDevice<'_> {
 pub(super) struct Board {
     pub(super) index: usize,
     pub(super) power: Power,
-    /// The whole board is stalled, until this instant (if set).
-    pub(super) stalled: Option<Option<u64>>,
+    /// The whole board is stalled (kernel included), until it resumes.
+    pub(super) stalled: bool,
     pub(super) daemon: Daemon,
     pub(super) mirror: Option<Mirror>,
     pub(super) disk: Vec<u8>,
@@ -165,7 +163,7 @@ impl Board {
         Board {
             index,
             power: Power::Off,
-            stalled: None,
+            stalled: false,
             daemon: Daemon::Dead { restart_at: None },
             mirror: None,
             disk: vec![0; backing_bytes as usize],
@@ -192,7 +190,7 @@ impl Board {
 
     /// The kernel runs: powered, booted, not stalled.
     pub(super) fn kernel_up(&self) -> bool {
-        self.power == Power::On && self.stalled.is_none()
+        self.power == Power::On && !self.stalled
     }
 
     /// The daemon process exists (it may be stopped).
@@ -267,14 +265,13 @@ impl Board {
 // ---- the boards' lives, driven by the simulation ---------------------------------------------
 
 use super::cluster::{BoardNet, ProbeRun};
-use super::{Event, Outcome, PairSim, Violation, A, BOOT_MS, NAMES};
+use super::{Event, Outcome, PairSim, Violation, A, B, BOOT_MS, NAMES};
 use tandem::peer::link::LinkOutput;
 use tandem::peer::Role as LinkRole;
 use tandem::replication::engine::EngineOutput;
-use tandem_board::{DiskDone, DiskError, Extent};
+use tandem_board::DiskDone;
 
-/// EIO, as the kernel reports it.
-const EIO: i32 = 5;
+use super::super::disk;
 
 impl PairSim {
     /// Powers board `i` on; its daemon starts once it has booted.
@@ -308,7 +305,7 @@ impl PairSim {
         }
         let board = &mut self.boards[i];
         board.power = Power::Off;
-        board.stalled = None;
+        board.stalled = false;
         board.daemon = Daemon::Dead { restart_at: None };
         board.mirror = None;
         board.io.clear();
@@ -334,13 +331,13 @@ impl PairSim {
     /// SIGSTOP of the daemon: its kernel still holds the cluster IP and buffers its sockets.
     pub fn hang(&mut self, i: usize) {
         if self.boards[i].daemon == Daemon::Running && self.boards[i].power == Power::On {
-            self.boards[i].daemon = Daemon::Hung { until: None };
+            self.boards[i].daemon = Daemon::Hung;
         }
     }
 
     /// SIGCONT.
     pub fn resume(&mut self, i: usize) {
-        if let Daemon::Hung { .. } = self.boards[i].daemon {
+        if self.boards[i].daemon == Daemon::Hung {
             self.boards[i].daemon = Daemon::Running;
         }
     }
@@ -348,21 +345,21 @@ impl PairSim {
     /// The whole board stops (kernel included); its clock keeps counting.
     pub fn stall(&mut self, i: usize) {
         if self.boards[i].power == Power::On {
-            self.boards[i].stalled = Some(None);
+            self.boards[i].stalled = true;
         }
     }
 
     pub fn unstall(&mut self, i: usize) {
-        self.boards[i].stalled = None;
+        self.boards[i].stalled = false;
     }
 
     /// The daemon crashes (kill -9); the kernel resets its sockets and keeps the cluster IP.
-    /// It restarts after `restart_ms`, or at `restart_daemon` when `None`.
-    pub fn crash_daemon(&mut self, i: usize, restart_ms: Option<u64>) {
+    /// The init system restarts it after `restart_ms`.
+    pub fn crash_daemon(&mut self, i: usize, restart_ms: u64) {
         if !self.boards[i].daemon_alive() {
             return;
         }
-        self.kill_daemon(i, restart_ms.map(|ms| self.now + ms));
+        self.kill_daemon(i, Some(self.now + restart_ms));
     }
 
     /// SIGTERM: the daemon drops the cluster IP and its clients, finishes its disk requests,
@@ -430,9 +427,9 @@ impl PairSim {
         self.kill_daemon(i, Some(restart_at));
     }
 
-    /// Boots, resumes, restarts and watchdog resets that are due.
+    /// Boots, restarts and watchdog resets that are due.
     pub(super) fn advance_boards(&mut self) -> Outcome<()> {
-        for i in [A, 1 - A] {
+        for i in [A, B] {
             let now = self.now;
             if let Power::Booting { ready_at } = self.boards[i].power {
                 if now >= ready_at {
@@ -440,19 +437,13 @@ impl PairSim {
                     self.start_daemon(i)?;
                 }
             }
-            if let Some(Some(until)) = self.boards[i].stalled {
-                if now >= until {
-                    self.boards[i].stalled = None;
+            if let Daemon::Dead {
+                restart_at: Some(t),
+            } = self.boards[i].daemon
+            {
+                if now >= t && self.boards[i].kernel_up() {
+                    self.start_daemon(i)?;
                 }
-            }
-            match self.boards[i].daemon {
-                Daemon::Hung { until: Some(t) } if now >= t => {
-                    self.boards[i].daemon = Daemon::Running
-                }
-                Daemon::Dead {
-                    restart_at: Some(t),
-                } if now >= t && self.boards[i].kernel_up() => self.start_daemon(i)?,
-                _ => {}
             }
             // The watchdog: petted only by a daemon that runs its loop.
             let board = &mut self.boards[i];
@@ -708,14 +699,14 @@ impl PairSim {
         match output {
             LinkOutput::Send { conn, bytes } => {
                 if let Some(id) = self.lan.find_end(i, conn) {
-                    let at = self.now + self.lan.latency_ms(conn.link, i, 0);
+                    let at = self.now + self.lan.latency_ms(conn.link, i);
                     self.lan.send(id, i, bytes, at);
                 }
             }
             LinkOutput::Close { conn } => {
                 if let Some(id) = self.lan.find_end(i, conn) {
                     let opened_at = self.lan.conn(id).map_or(self.now, |c| c.opened_at);
-                    let at = self.now + self.lan.latency_ms(conn.link, i, 0);
+                    let at = self.now + self.lan.latency_ms(conn.link, i);
                     self.lan.close_end(id, i, at);
                     let clock = self.boards[i].clock(self.now);
                     if let Some(mirror) = self.boards[i].mirror.as_mut() {
@@ -732,15 +723,7 @@ impl PairSim {
         let now = self.now;
         match output {
             EngineOutput::Disk { tag, request } => {
-                let (offset, len) = match &request {
-                    DiskRequest::Read { offset, buf } | DiskRequest::Write { offset, buf, .. } => {
-                        (*offset, buf.len() as u64)
-                    }
-                    DiskRequest::Flush => (0, 0),
-                    DiskRequest::Discard { offset, len, .. }
-                    | DiskRequest::WriteZeroes { offset, len, .. }
-                    | DiskRequest::MapExtents { offset, len } => (*offset, *len),
-                };
+                let (offset, len) = disk::request_extent(&request);
                 if offset + len > self.layout.volume_bytes {
                     return Err(self.fail(
                         Violation::Broken,
@@ -817,15 +800,7 @@ impl PairSim {
 /// A disk request takes effect (unless it fails) and completes.
 fn complete(disk: &mut [u8], tag: u64, request: DiskRequest, fails: bool) -> DiskCompletion {
     if fails {
-        let buf = match request {
-            DiskRequest::Read { buf, .. } | DiskRequest::Write { buf, .. } => Some(buf),
-            _ => None,
-        };
-        return DiskCompletion {
-            tag,
-            result: Err(DiskError { errno: EIO }),
-            buf,
-        };
+        return disk::failed_completion(tag, request);
     }
     let result = match request {
         DiskRequest::Read { offset, mut buf } => {
@@ -844,14 +819,7 @@ fn complete(disk: &mut [u8], tag: u64, request: DiskRequest, fails: bool) -> Dis
             DiskDone::Done
         }
         DiskRequest::Flush => DiskDone::Done,
-        DiskRequest::MapExtents { len, .. } => {
-            let mut extents = heapless::Vec::new();
-            let _ = extents.push(Extent {
-                len,
-                is_hole: false,
-            });
-            DiskDone::Extents(Box::new(extents))
-        }
+        DiskRequest::MapExtents { len, .. } => disk::allocated_extents(len),
     };
     DiskCompletion {
         tag,

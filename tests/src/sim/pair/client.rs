@@ -74,6 +74,14 @@ pub(super) struct ClientConn {
     pub(super) close_at: u64,
 }
 
+impl ClientConn {
+    /// Queues `reply` to the client, due at `at` but never before what is already on its way.
+    fn queue_reply(&mut self, at: u64, reply: Reply) {
+        let at = self.to_client.back().map_or(at, |(t, _)| (*t).max(at));
+        self.to_client.push_back((at, reply));
+    }
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Client {
     pub(super) conn: Option<ClientConn>,
@@ -95,7 +103,6 @@ pub(super) struct Model {
     blocks: HashMap<u64, Vec<WriteRec>>,
     /// The highest `(epoch, node)` that acknowledged a write, and when.
     last_term: Option<(u64, usize, u64)>,
-    pub(super) acked_writes: u64,
     pub(super) reads_checked: u64,
 }
 
@@ -160,7 +167,6 @@ impl Model {
             }
         }
         self.last_term = Some((epoch, node, now));
-        self.acked_writes += 1;
         let rec = self
             .blocks
             .get_mut(&block)
@@ -607,11 +613,7 @@ impl PairSim {
         for client in &mut self.work.clients {
             if let Some(conn) = client.conn.as_mut() {
                 if conn.board == i && open.contains(&conn.id) {
-                    let at = conn
-                        .to_client
-                        .back()
-                        .map_or(now + 1, |(t, _)| (*t).max(now + 1));
-                    conn.to_client.push_back((at, Reply::End));
+                    conn.queue_reply(now + 1, Reply::End);
                 }
             }
         }
@@ -656,7 +658,6 @@ impl PairSim {
                     epoch,
                 });
                 self.fingerprint(&value.to_le_bytes());
-                self.report.acked_writes += 1;
             }
             Op::Read { block } => {
                 if let VolumeDone::Buf(buf) = &done {
@@ -682,11 +683,7 @@ impl PairSim {
             .as_mut()
             .filter(|conn| conn.id == request.conn)
         {
-            let at = conn
-                .to_client
-                .back()
-                .map_or(now + latency, |(t, _)| (*t).max(now + latency));
-            conn.to_client.push_back((at, Reply::Done(tag)));
+            conn.queue_reply(now + latency, Reply::Done(tag));
         }
         Ok(())
     }

@@ -89,7 +89,7 @@ impl PairSim {
         }
         self.probe_step(i)?;
         self.announce_step(i);
-        let carrier = self.lan.lan_cable[i];
+        let carrier = self.lan.faults.lan_cable[i];
         let uplink = self.boards[i].net.uplink(carrier, gateway_probe, now);
         if self.boards[i].net.reported != Some(uplink) && self.boards[i].running() {
             self.boards[i].net.reported = Some(uplink);

@@ -23,6 +23,7 @@
 use tandem::peer::LinkKind;
 
 use super::super::prng::Prng;
+use super::lan::LanFaults;
 use super::{Event, PairSim, A, B, DAEMON_RESTART_MS};
 
 /// Which faults a run draws: the whole model, or one corner of it for a quick test aimed at
@@ -138,22 +139,16 @@ impl PairSim {
             }
             Fault::DaemonHang(i) => self.hang(i),
             Fault::BoardStall(i) => self.stall(i),
-            Fault::DaemonCrash(i, restart_ms) => self.crash_daemon(i, Some(restart_ms)),
+            Fault::DaemonCrash(i, restart_ms) => self.crash_daemon(i, restart_ms),
             Fault::DaemonRestart(i, restart_ms) => self.stop_daemon(i, restart_ms),
             Fault::CablePull(cable) => self.set_cable(cable, false),
-            Fault::LinkLoss { link, from } => self.lan.link_loss[link.index()][from] = true,
-            Fault::PortLoss { board, inbound } => {
-                if inbound {
-                    self.lan.port_rx_loss[board] = true;
-                } else {
-                    self.lan.port_tx_loss[board] = true;
-                }
-            }
+            Fault::LinkLoss { link, from } => self.lan.faults.link_loss[link.index()][from] = true,
+            Fault::PortLoss { board, inbound } => *self.lan.faults.port_loss(board, inbound) = true,
             Fault::LinkDelay {
                 link,
                 from,
                 extra_ms,
-            } => self.lan.link_extra_ms[link.index()][from] = extra_ms,
+            } => self.lan.faults.link_extra_ms[link.index()][from] = extra_ms,
             Fault::Replay { link, from, pick } => {
                 self.lan.inject_replay(link, from, pick, false, now + 1);
             }
@@ -179,15 +174,13 @@ impl PairSim {
             Fault::BoardStall(i) => self.unstall(i),
             Fault::DaemonCrash(..) | Fault::DaemonRestart(..) => {}
             Fault::CablePull(cable) => self.set_cable(cable, true),
-            Fault::LinkLoss { link, from } => self.lan.link_loss[link.index()][from] = false,
+            Fault::LinkLoss { link, from } => self.lan.faults.link_loss[link.index()][from] = false,
             Fault::PortLoss { board, inbound } => {
-                if inbound {
-                    self.lan.port_rx_loss[board] = false;
-                } else {
-                    self.lan.port_tx_loss[board] = false;
-                }
+                *self.lan.faults.port_loss(board, inbound) = false
             }
-            Fault::LinkDelay { link, from, .. } => self.lan.link_extra_ms[link.index()][from] = 0,
+            Fault::LinkDelay { link, from, .. } => {
+                self.lan.faults.link_extra_ms[link.index()][from] = 0
+            }
             Fault::Replay { .. } | Fault::Duplicate { .. } => {}
             Fault::DiskErrors { board, .. } => self.boards[board].disk_fail_per_million = 0,
         }
@@ -196,8 +189,8 @@ impl PairSim {
     /// Plugs a cable in or pulls it.
     pub fn set_cable(&mut self, cable: Cable, plugged: bool) {
         match cable {
-            Cable::Heartbeat => self.lan.hb_cable = plugged,
-            Cable::Lan(i) => self.lan.lan_cable[i] = plugged,
+            Cable::Heartbeat => self.lan.faults.hb_cable = plugged,
+            Cable::Lan(i) => self.lan.faults.lan_cable[i] = plugged,
         }
     }
 
@@ -205,28 +198,36 @@ impl PairSim {
     /// the clients: the one fault DESIGN.md §4 does not cover (for a scenario that needs two
     /// primaries; never drawn at random).
     pub fn isolate_on_lan(&mut self, isolated: bool) {
-        self.lan.boards_isolated = isolated;
+        self.lan.faults.boards_isolated = isolated;
     }
 
     /// Everything back to normal: cables in, no loss or delay, disks healthy, boards powered,
     /// resumed, their daemons running.
     pub fn repair_all(&mut self) {
-        self.lan.hb_cable = true;
-        self.lan.lan_cable = [true, true];
-        self.lan.port_rx_loss = [false, false];
-        self.lan.port_tx_loss = [false, false];
-        self.lan.link_loss = [[false; 2]; 2];
-        self.lan.link_extra_ms = [[0; 2]; 2];
-        self.lan.boards_isolated = false;
+        self.lan.faults = LanFaults::default();
         for i in [A, B] {
             self.boards[i].disk_fail_per_million = 0;
             self.unstall(i);
             self.resume(i);
-            if self.boards[i].kernel_up() {
-                let _ = self.restart_daemon(i);
-            }
+            let _ = self.restart_daemon(i);
             self.power_on(i);
         }
+    }
+}
+
+/// How often `FaultPlan::draw_any` draws each kind of fault, in the order of its `match`: power
+/// cut, both boards' power, daemon hang, board stall, daemon crash, daemon restart, cable pull,
+/// peer link loss, LAN port loss, delay, replay, duplicate, disk errors.
+const FAULT_WEIGHTS: [u32; 13] = [12, 4, 14, 12, 6, 4, 16, 8, 6, 6, 4, 3, 5];
+
+/// The board a fault hits: the primary more often than the other (either, when there is no
+/// single primary).
+fn draw_board(p: &mut Prng, sim: &PairSim) -> usize {
+    let primary = sim.primary().unwrap_or_else(|| p.below(2) as usize);
+    if p.chance(600_000) {
+        primary
+    } else {
+        1 - primary
     }
 }
 
@@ -278,7 +279,7 @@ impl FaultPlan {
         if now >= self.next_start {
             match self.active.first().copied() {
                 None => {
-                    let (fault, duration_ms) = self.draw(sim);
+                    let (fault, duration_ms) = self.draw(sim, FaultPlan::draw_any);
                     sim.apply(fault);
                     let end = now + duration_ms.max(1);
                     self.active.push((fault, end));
@@ -299,13 +300,7 @@ impl FaultPlan {
                     };
                 }
                 Some((_, first_end)) => {
-                    let set = sim.options.faults;
-                    let (fault, duration_ms) = loop {
-                        let drawn = self.draw_second(sim);
-                        if set.allows(&drawn.0, drawn.1) {
-                            break drawn;
-                        }
-                    };
+                    let (fault, duration_ms) = self.draw(sim, FaultPlan::draw_second);
                     sim.apply(fault);
                     self.active
                         .push((fault, (now + duration_ms.max(1)).min(first_end)));
@@ -325,15 +320,26 @@ impl FaultPlan {
         }
     }
 
+    /// A fault of the run's set (`PairOptions::faults`), drawn by `draw` until one is. (A set
+    /// that `draw` never yields never ends: `draw_second` draws no hang, so `--faults long-hangs
+    /// --double-faults` spins once a second fault is due.)
+    fn draw(
+        &mut self,
+        sim: &PairSim,
+        draw: fn(&mut FaultPlan, &PairSim) -> (Fault, u64),
+    ) -> (Fault, u64) {
+        loop {
+            let (fault, duration_ms) = draw(self, sim);
+            if sim.options.faults.allows(&fault, duration_ms) {
+                return (fault, duration_ms);
+            }
+        }
+    }
+
     /// The second of two faults at once (see the type's documentation).
     fn draw_second(&mut self, sim: &PairSim) -> (Fault, u64) {
         let p = &mut self.prng;
-        let primary = sim.primary().unwrap_or_else(|| p.below(2) as usize);
-        let board = if p.chance(600_000) {
-            primary
-        } else {
-            1 - primary
-        };
+        let board = draw_board(p, sim);
         let duration = p.range(200, 6_000);
         let fault = match p.below(6) {
             0 => Fault::CablePull(Cable::Heartbeat),
@@ -352,25 +358,10 @@ impl FaultPlan {
         (fault, duration)
     }
 
-    /// A fault of the run's set (`PairOptions::faults`).
-    fn draw(&mut self, sim: &PairSim) -> (Fault, u64) {
-        let set = sim.options.faults;
-        loop {
-            let drawn = self.draw_any(sim);
-            if set.allows(&drawn.0, drawn.1) {
-                return drawn;
-            }
-        }
-    }
-
+    /// Any fault of the model, by the weights of `FAULT_WEIGHTS`.
     fn draw_any(&mut self, sim: &PairSim) -> (Fault, u64) {
         let p = &mut self.prng;
-        let primary = sim.primary().unwrap_or_else(|| p.below(2) as usize);
-        let board = if p.chance(600_000) {
-            primary
-        } else {
-            1 - primary
-        };
+        let board = draw_board(p, sim);
         let link = if p.chance(500_000) {
             LinkKind::Heartbeat
         } else {
@@ -388,25 +379,10 @@ impl FaultPlan {
             let (low, high) = p.pick(spans);
             p.range(low, high)
         };
-        let weights: [(u32, u8); 13] = [
-            (12, 0),
-            (4, 1),
-            (14, 2),
-            (12, 3),
-            (6, 4),
-            (4, 5),
-            (16, 6),
-            (8, 7),
-            (6, 8),
-            (6, 9),
-            (4, 10),
-            (3, 11),
-            (5, 12),
-        ];
-        let total: u32 = weights.iter().map(|w| w.0).sum();
+        let total: u32 = FAULT_WEIGHTS.iter().sum();
         let mut roll = p.below(u64::from(total)) as u32;
         let mut kind = 0;
-        for (weight, k) in weights {
+        for (k, weight) in FAULT_WEIGHTS.into_iter().enumerate() {
             if roll < weight {
                 kind = k;
                 break;

@@ -29,8 +29,9 @@ use tandem::peer::LinkKind;
 const HISTORY_CHUNKS: usize = 32;
 /// The connecting node's reconnect backoff (`runtime/peer.rs`).
 pub(super) const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
-pub(super) const RECONNECT_BACKOFF_MAX_MS: u64 = 1_000;
-pub(super) const CONNECTION_STABLE_MS: u64 = 5_000;
+const RECONNECT_BACKOFF_MAX_MS: u64 = 1_000;
+/// A connection that lived this long resets the backoff.
+const CONNECTION_STABLE_MS: u64 = 5_000;
 /// A connect that gets no answer fails after this long. (The runtime sets no timeout of its
 /// own: the kernel's SYN retransmissions, 1, 3, 7, 15, 31 s apart, would decide; this models a
 /// runtime that gives up after a second.)
@@ -78,23 +79,67 @@ pub(super) struct PeerConn {
     pub(super) reset_sent: [bool; 2],
 }
 
-/// The LAN, the heartbeat cable and the peer connections.
+/// The state of the cables, ports and peer links that the faults change; the default is the
+/// healthy network, which repairing every fault brings back.
 #[derive(Debug)]
-pub(super) struct Lan {
+pub(super) struct LanFaults {
+    /// The heartbeat cable is plugged in.
     pub(super) hb_cable: bool,
+    /// Each board's LAN cable is plugged in.
     pub(super) lan_cable: [bool; 2],
     /// A board's LAN port loses every inbound (rx) or outbound (tx) frame.
     pub(super) port_rx_loss: [bool; 2],
     pub(super) port_tx_loss: [bool; 2],
     /// `[link][from board]`: the peer link loses every frame in that direction.
     pub(super) link_loss: [[bool; 2]; 2],
-    /// `[link][from board]`: base one-way latency.
-    pub(super) link_latency_ms: [[u64; 2]; 2],
-    /// `[link][from board]`: extra delay (a fault).
+    /// `[link][from board]`: extra delay.
     pub(super) link_extra_ms: [[u64; 2]; 2],
     /// The switch hides the boards from each other (port isolation: the uncovered fault, only
     /// set by a scenario).
     pub(super) boards_isolated: bool,
+}
+
+impl Default for LanFaults {
+    fn default() -> LanFaults {
+        LanFaults {
+            hb_cable: true,
+            lan_cable: [true, true],
+            port_rx_loss: [false, false],
+            port_tx_loss: [false, false],
+            link_loss: [[false; 2]; 2],
+            link_extra_ms: [[0; 2]; 2],
+            boards_isolated: false,
+        }
+    }
+}
+
+impl LanFaults {
+    /// The loss flag of one direction of board `board`'s LAN port.
+    pub(super) fn port_loss(&mut self, board: usize, inbound: bool) -> &mut bool {
+        if inbound {
+            &mut self.port_rx_loss[board]
+        } else {
+            &mut self.port_tx_loss[board]
+        }
+    }
+}
+
+impl PeerConn {
+    /// Queues `payload` from board `from`, due at `at` but never before what is already queued
+    /// (a TCP stream keeps its order).
+    fn queue(&mut self, from: usize, at: u64, payload: Payload) {
+        let pipe = &mut self.pipes[from];
+        let at = pipe.back().map_or(at, |s| s.at.max(at));
+        pipe.push_back(Segment { at, payload });
+    }
+}
+
+/// The LAN, the heartbeat cable and the peer connections.
+#[derive(Debug)]
+pub(super) struct Lan {
+    pub(super) faults: LanFaults,
+    /// `[link][from board]`: base one-way latency.
+    pub(super) link_latency_ms: [[u64; 2]; 2],
     /// The boards whose kernel holds the cluster IP.
     pub(super) holders: [bool; 2],
     /// The clients' ARP entry for the cluster IP.
@@ -110,14 +155,8 @@ pub(super) struct Lan {
 impl Lan {
     pub(super) fn new(latencies: [[u64; 2]; 2]) -> Lan {
         Lan {
-            hb_cable: true,
-            lan_cable: [true, true],
-            port_rx_loss: [false, false],
-            port_tx_loss: [false, false],
-            link_loss: [[false; 2]; 2],
+            faults: LanFaults::default(),
             link_latency_ms: latencies,
-            link_extra_ms: [[0; 2]; 2],
-            boards_isolated: false,
             holders: [false, false],
             arp_cache: None,
             last_announce: [None, None],
@@ -129,16 +168,17 @@ impl Lan {
 
     /// A frame sent by `from` reaches `to` on the LAN (the switch itself never fails).
     pub(super) fn lan_path(&self, from: Host, to: Host) -> bool {
+        let f = &self.faults;
         let sends = match from {
-            Host::Board(i) => self.lan_cable[i] && !self.port_tx_loss[i],
+            Host::Board(i) => f.lan_cable[i] && !f.port_tx_loss[i],
             _ => true,
         };
         let receives = match to {
-            Host::Board(i) => self.lan_cable[i] && !self.port_rx_loss[i],
+            Host::Board(i) => f.lan_cable[i] && !f.port_rx_loss[i],
             _ => true,
         };
         let hidden =
-            self.boards_isolated && matches!(from, Host::Board(_)) && matches!(to, Host::Board(_));
+            f.boards_isolated && matches!(from, Host::Board(_)) && matches!(to, Host::Board(_));
         sends && receives && !hidden
     }
 
@@ -150,15 +190,15 @@ impl Lan {
     /// Frames on `link` from board `from` reach the other board.
     pub(super) fn link_path(&self, link: LinkKind, from: usize) -> bool {
         let carried = match link {
-            LinkKind::Heartbeat => self.hb_cable,
+            LinkKind::Heartbeat => self.faults.hb_cable,
             LinkKind::Lan => self.lan_path(Host::Board(from), Host::Board(1 - from)),
         };
-        carried && !self.link_loss[link.index()][from]
+        carried && !self.faults.link_loss[link.index()][from]
     }
 
-    /// The latency of the next segment on `link` from `from` (`jitter` drawn by the caller).
-    pub(super) fn latency_ms(&self, link: LinkKind, from: usize, jitter: u64) -> u64 {
-        self.link_latency_ms[link.index()][from] + self.link_extra_ms[link.index()][from] + jitter
+    /// The latency of the next segment on `link` from `from`.
+    pub(super) fn latency_ms(&self, link: LinkKind, from: usize) -> u64 {
+        self.link_latency_ms[link.index()][from] + self.faults.link_extra_ms[link.index()][from]
     }
 
     /// A new connection on `link`, open on both boards (the responder's daemon takes it later).
@@ -209,15 +249,9 @@ impl Lan {
             history.pop_front();
         }
         history.push_back(bytes.clone());
-        let Some(conn) = self.conn_mut(id) else {
-            return;
-        };
-        let pipe = &mut conn.pipes[from];
-        let at = pipe.back().map_or(at, |s| s.at.max(at));
-        pipe.push_back(Segment {
-            at,
-            payload: Payload::Bytes(bytes),
-        });
+        if let Some(conn) = self.conn_mut(id) {
+            conn.queue(from, at, Payload::Bytes(bytes));
+        }
     }
 
     /// Board `from` closes its end: the other end sees the end of the stream after the bytes
@@ -230,12 +264,7 @@ impl Lan {
             return;
         }
         conn.open[from] = false;
-        let pipe = &mut conn.pipes[from];
-        let at = pipe.back().map_or(at, |s| s.at.max(at));
-        pipe.push_back(Segment {
-            at,
-            payload: Payload::End,
-        });
+        conn.queue(from, at, Payload::End);
     }
 
     /// Every socket of board `board` vanishes without a word (power cut, reboot).
@@ -256,7 +285,7 @@ impl Lan {
             .map(|c| (c.id, c.link))
             .collect();
         for (id, link) in ends {
-            let at = now + self.latency_ms(link, board, 0);
+            let at = now + self.latency_ms(link, board);
             self.close_end(id, board, at);
         }
     }
@@ -267,7 +296,7 @@ impl Lan {
     }
 
     /// Appends a copy of an earlier chunk of `link` in direction `from` (replayed or
-    /// duplicated) to the current connection on that link. Returns whether one was injected.
+    /// duplicated) to the current connection on that link, if there is one.
     pub(super) fn inject_replay(
         &mut self,
         link: LinkKind,
@@ -275,10 +304,10 @@ impl Lan {
         pick: u64,
         latest: bool,
         at: u64,
-    ) -> bool {
+    ) {
         let history = &self.history[link.index()][from];
         if history.is_empty() {
-            return false;
+            return;
         }
         let index = if latest {
             history.len() - 1
@@ -286,28 +315,21 @@ impl Lan {
             (pick % history.len() as u64) as usize
         };
         let chunk = history[index].clone();
-        let Some(conn) = self
+        if let Some(conn) = self
             .conns
             .iter_mut()
             .rev()
             .find(|c| c.link == link && c.open[0] && c.open[1])
-        else {
-            return false;
-        };
-        let pipe = &mut conn.pipes[from];
-        let at = pipe.back().map_or(at, |s| s.at.max(at));
-        pipe.push_back(Segment {
-            at,
-            payload: Payload::Bytes(chunk),
-        });
-        true
+        {
+            conn.queue(from, at, Payload::Bytes(chunk));
+        }
     }
 }
 
 // ---- moving segments -------------------------------------------------------------------------
 
 use super::board::Input;
-use super::{Outcome, PairSim, A};
+use super::{Outcome, PairSim, A, B};
 use tandem::peer::Role as LinkRole;
 
 impl PairSim {
@@ -343,7 +365,7 @@ impl PairSim {
                         break;
                     }
                     let link = conn.link;
-                    let back_at = now + self.lan.latency_ms(link, to, 0);
+                    let back_at = now + self.lan.latency_ms(link, to);
                     let conn = &mut self.lan.conns[index];
                     let Some(segment) = conn.pipes[from].pop_front() else {
                         break;
@@ -397,13 +419,13 @@ impl PairSim {
                 }
             };
             let reachable = self.lan.link_path(link, A)
-                && self.lan.link_path(link, 1 - A)
-                && self.boards[1 - A].kernel_up();
-            if reachable && self.boards[1 - A].daemon_alive() {
+                && self.lan.link_path(link, B)
+                && self.boards[B].kernel_up();
+            if reachable && self.boards[B].daemon_alive() {
                 self.boards[A].connecting[li] = None;
-                let lives = [self.boards[A].life, self.boards[1 - A].life];
+                let lives = [self.boards[A].life, self.boards[B].life];
                 let id = self.lan.open_conn(link, lives, now);
-                self.boards[1 - A].push_input(now, Input::Accept { conn: id });
+                self.boards[B].push_input(now, Input::Accept { conn: id });
                 self.connected(A, id, link, LinkRole::Initiator)?;
             } else if reachable || now - started >= CONNECT_TIMEOUT_MS {
                 // Reset by a kernel with no listener, or no answer in time.
@@ -445,9 +467,6 @@ impl PairSim {
     }
 
     fn schedule_retry(&mut self, link: LinkKind, lived_ms: u64) {
-        use super::lan::{
-            CONNECTION_STABLE_MS, RECONNECT_BACKOFF_MAX_MS, RECONNECT_BACKOFF_MIN_MS,
-        };
         let li = link.index();
         let board = &mut self.boards[A];
         if lived_ms >= CONNECTION_STABLE_MS {
