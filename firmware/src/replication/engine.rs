@@ -1791,7 +1791,19 @@ impl Mirror {
             }
             match self.reqs.get_mut(&tag) {
                 Some(req) => {
+                    let failed_range = match done {
+                        VolumeDone::Failed { .. } => req.range,
+                        _ => None,
+                    };
                     req.local = Some(done);
+                    if let Some((offset, len)) = failed_range {
+                        // Rule 10: the client gets the error, but the peer may have applied
+                        // the write. The regions differ now: the resync copies this disk's
+                        // version over the peer's, so the replicas converge.
+                        log::error!("disk: a write failed on this disk (offset={offset} len={len}); its regions will be resynced to the peer");
+                        self.map.mark(offset, len);
+                        self.persist_bitmap();
+                    }
                     self.try_finish(tag);
                 }
                 None => self.outputs.push_back(EngineOutput::Done { tag, done }),
