@@ -222,6 +222,9 @@ enum Pairing {
     Exchanging {
         peer: Option<PeerState>,
         peer_map: Box<DirtyMap>,
+        /// When this exchange started: one that has not decided within
+        /// `exchange_timeout_ms` (a message lost with a dying link) starts again.
+        since: Instant,
     },
     /// Decided: mirroring (and resyncing, if a resync is running).
     Paired { peer_boot: u64 },
@@ -527,6 +530,7 @@ impl Mirror {
             self.freeze_until,
             self.outdate_at,
             ack,
+            self.exchange_deadline(),
             self.failover_timeout(),
         ]
         .into_iter()
@@ -554,6 +558,17 @@ impl Mirror {
 
     fn ack_timeout_ms(&self) -> u64 {
         (self.settings.dead_time_ms * 2).max(2_000)
+    }
+
+    /// When a running exchange starts again (not while degrading: the degrade procedure
+    /// starts one when it ends).
+    fn exchange_deadline(&self) -> Option<Instant> {
+        match &self.pairing {
+            Pairing::Exchanging { since, .. } if self.freeze_until.is_none() => {
+                Some(since.plus_millis(self.ack_timeout_ms()))
+            }
+            _ => None,
+        }
     }
 
     fn takeover_window_ms(&self) -> u64 {
@@ -675,6 +690,10 @@ impl Mirror {
                 log::warn!("peer lost and no takeover: marking this disk outdated (the peer may be writing alone)");
                 self.set_disk(DiskFreshness::Outdated);
             }
+        }
+        if self.exchange_deadline().is_some_and(|t| now >= t) {
+            log::warn!("the exchange with the peer did not finish in time; starting it again");
+            self.start_pairing();
         }
         let timeout = self.ack_timeout_ms();
         if self.mirroring
@@ -883,6 +902,7 @@ impl Mirror {
         self.pairing = Pairing::Exchanging {
             peer: None,
             peer_map: Box::new(DirtyMap::for_layout(&self.layout)),
+            since: self.now,
         };
         self.elect_me = None;
         if self.is_leader() {
@@ -971,24 +991,35 @@ impl Mirror {
         }
     }
 
-    fn finish_degrade(&mut self) {
-        self.freeze_until = None;
-        self.fo.degrade_probe_at = None;
-        self.fo.degrade_probed = false;
-        // Every write the peer did not acknowledge may be missing there.
+    /// Marks dirty every client write the peer has not acknowledged: it may be on this disk
+    /// and missing there. Before serving alone, before demoting with writes in flight, and
+    /// before a clean stop: whatever this node does next, the next pairing resyncs them.
+    fn mark_unacked_client_writes(&mut self) {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for unacked in std::mem::take(&mut self.unacked).into_values() {
+        for unacked in self.unacked.values() {
             if let Purpose::Client(tag) = unacked.purpose {
-                if let Some(req) = self.reqs.get_mut(&tag) {
-                    req.peer_pending = false;
-                    if let Some(range) = req.range {
-                        ranges.push(range);
-                    }
+                if let Some(range) = self.reqs.get(&tag).and_then(|req| req.range) {
+                    ranges.push(range);
                 }
             }
         }
         for (offset, len) in ranges {
             self.map.note_write(offset, len);
+        }
+    }
+
+    fn finish_degrade(&mut self) {
+        self.freeze_until = None;
+        self.fo.degrade_probe_at = None;
+        self.fo.degrade_probed = false;
+        // Every write the peer did not acknowledge may be missing there.
+        self.mark_unacked_client_writes();
+        for unacked in std::mem::take(&mut self.unacked).into_values() {
+            if let Purpose::Client(tag) = unacked.purpose {
+                if let Some(req) = self.reqs.get_mut(&tag) {
+                    req.peer_pending = false;
+                }
+            }
         }
         let new_id = self.fresh_id(None);
         let mut g = self.generations_now();
@@ -1023,6 +1054,7 @@ impl Mirror {
                 if let Pairing::Exchanging {
                     peer: Some(_),
                     peer_map,
+                    ..
                 } = &mut self.pairing
                 {
                     for (first, count) in runs {
@@ -1043,6 +1075,7 @@ impl Mirror {
                     Pairing::Exchanging {
                         peer: Some(_),
                         peer_map,
+                        ..
                     } => peer_map.dirty_count(),
                     _ => return, // not for the exchange running now
                 };
@@ -1089,9 +1122,14 @@ impl Mirror {
         };
         match state.exchange {
             Exchange::Start if !leader => {
+                // This node asked for a start (its request, or a timed-out exchange): the
+                // leader's current one is welcome again.
+                let asked = matches!(self.pairing, Pairing::Exchanging { peer: None, .. })
+                    && state.exchange_id >= self.exchange_id;
                 let newer = self.peer_state.as_ref().is_none_or(|p| {
                     p.boot_id != state.boot_id || state.exchange_id > self.exchange_id
-                }) || state.exchange_id > self.exchange_id;
+                }) || state.exchange_id > self.exchange_id
+                    || asked;
                 if !newer {
                     return;
                 }
@@ -1112,11 +1150,12 @@ impl Mirror {
                 self.pairing = Pairing::Exchanging {
                     peer: Some(state),
                     peer_map: Box::new(DirtyMap::for_layout(&self.layout)),
+                    since: self.now,
                 };
                 return;
             }
             Exchange::Reply if leader => {
-                if let Pairing::Exchanging { peer, peer_map } = &mut self.pairing {
+                if let Pairing::Exchanging { peer, peer_map, .. } = &mut self.pairing {
                     if state.exchange_id == self.exchange_id {
                         *peer = Some(state.clone());
                         peer_map.clear_all();
@@ -1128,7 +1167,13 @@ impl Mirror {
             Exchange::Request if leader => {
                 let start_outstanding =
                     matches!(self.pairing, Pairing::Exchanging { peer: None, .. });
-                if !start_outstanding {
+                if start_outstanding {
+                    // The follower may have passed over this start (it was degrading, or the
+                    // start was lost): the same start again. A follower that took the first
+                    // ignores the second (same exchange id), and its bitmap runs land in a
+                    // pairing already decided.
+                    self.send_exchange(Exchange::Start);
+                } else {
                     if peer_boot.is_some() {
                         self.end_pairing("the peer asked for a new exchange");
                     }
@@ -1175,6 +1220,7 @@ impl Mirror {
         let Pairing::Exchanging {
             peer: Some(peer),
             peer_map,
+            ..
         } = std::mem::replace(&mut self.pairing, Pairing::None)
         else {
             return;
@@ -1383,6 +1429,9 @@ impl Mirror {
         self.role = Role::Secondary;
         self.mirroring = false;
         self.switching = false;
+        // Writes in flight may have reached this disk and not the peer's.
+        self.mark_unacked_client_writes();
+        self.persist_bitmap();
         self.set_flag(flags::WAS_PRIMARY, false);
         self.persist_superblock();
         if self.fo.holds_ip {
@@ -2557,6 +2606,7 @@ impl Mirror {
     /// The bitmap blocks not yet on disk, for a clean stop: a clean stop does not replay the
     /// activity log, so the bitmap must be whole before the volume is marked clean.
     pub fn take_bitmap_writes(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.mark_unacked_client_writes();
         let base = self.layout.bitmap_offset;
         self.map
             .take_changed_blocks()
