@@ -7,7 +7,7 @@
 //! board's return.
 
 use tandem::node::{DiskState, PeerState, Role};
-use tandem_tests::sim::pair::{Cable, Event, PairOptions, PairSim, A, B};
+use tandem_tests::sim::pair::{Cable, Event, Fault, PairOptions, PairSim, A, B};
 
 /// The dead time the scenarios use (the default), and the takeover window it implies.
 const DEAD_TIME_MS: u64 = 1_000;
@@ -301,6 +301,79 @@ fn a_pulled_heartbeat_cable_moves_nothing_and_mirroring_goes_on_over_the_lan() {
     }
     assert_eq!(sim.disk_state(B), Some(DiskState::UpToDate));
     sim.set_cable(Cable::Heartbeat, true);
+    settle(&mut sim);
+}
+
+// ---- rule 10: disks -------------------------------------------------------------------------
+
+/// Every write fails on the primary's own disk for a moment, while its peer applies each one:
+/// the clients get the error, and the regions are resynced from the primary so that the
+/// replicas agree again.
+#[test]
+fn a_write_that_fails_on_the_primarys_disk_is_resynced_to_its_peer() {
+    let mut sim = paired_default();
+    let fault = Fault::DiskErrors {
+        board: A,
+        per_million: 1_000_000,
+    };
+    sim.apply(fault);
+    let marked = ok(sim.run_until_cond(2_000, |s| s.dirty_bytes(A).is_some_and(|d| d > 0)));
+    assert!(marked, "no failed write was marked dirty:\n{}", sim.timeline_text());
+    sim.repair(fault);
+    ok(sim.run_for(2_000));
+    assert_eq!(sim.primary(), Some(A));
+    settle(&mut sim);
+}
+
+// ---- pairing: the exchange and what it must not forget --------------------------------------
+
+/// nas-b (the follower of the exchanges) is primary and hangs past the dead time. When it
+/// wakes, its degrade procedure runs while nas-a, the leader, starts an exchange at once; the
+/// follower passes over that start and asks for one when it is done. The leader must answer,
+/// or the pair never mirrors again.
+#[test]
+fn a_follower_that_degrades_while_the_leader_starts_an_exchange_pairs_after_it() {
+    let mut sim = paired_default();
+    let (accepted, reply) = ok(sim.switchover(A));
+    assert!(accepted, "{reply}");
+    let moved = ok(sim.run_until_cond(3_000, |s| s.primary() == Some(B)));
+    assert!(moved, "the switchover did not happen");
+    ok(sim.run_for(1_000));
+    sim.hang(B);
+    ok(sim.run_for(DEAD_TIME_MS + 600));
+    assert_eq!(sim.disk_state(A), Some(DiskState::Outdated));
+    sim.resume(B);
+    let paired = ok(sim.run_until_cond(8_000, |s| {
+        s.primary() == Some(B)
+            && s.disk_state(A) == Some(DiskState::UpToDate)
+            && s.dirty_bytes(B) == Some(0)
+    }));
+    assert!(paired, "the pair did not pair again:\n{}", sim.timeline_text());
+    settle(&mut sim);
+}
+
+/// The primary stops cleanly during its degrade procedure, with writes its stalled peer never
+/// acknowledged on its own disk. The peer, outdated, is promoted by the operator (nothing was
+/// acknowledged alone, so nothing is lost); when the old primary returns, the pairing must
+/// resync those regions from the new primary, or the replicas differ where the old primary
+/// wrote alone.
+#[test]
+fn a_primary_that_stops_with_unacknowledged_writes_resyncs_them_when_it_returns() {
+    let mut sim = paired_default();
+    sim.stall(B);
+    ok(sim.run_for(DEAD_TIME_MS + 200));
+    sim.stop_daemon(A, 4_000);
+    ok(sim.run_for(200));
+    sim.unstall(B);
+    ok(sim.run_for(1_000));
+    assert_eq!(sim.disk_state(B), Some(DiskState::Outdated));
+    let (accepted, reply) = ok(sim.force_promote(B));
+    assert!(accepted, "{reply}");
+    let back = ok(sim.run_until_cond(10_000, |s| {
+        s.running(A) && s.peer_state(A) == Some(PeerState::Connected)
+    }));
+    assert!(back, "nas-a did not return:\n{}", sim.timeline_text());
+    assert_eq!(sim.primary(), Some(B));
     settle(&mut sim);
 }
 

@@ -39,7 +39,7 @@ mod failover;
 
 pub use failover::{schedule, Readiness, CLUSTER_IP_PROBE_MS};
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::metadata::{flags, Layout, Superblock, SUPERBLOCK_BYTES};
 use crate::nbd::{VolumeDone, VolumeRequest};
@@ -256,7 +256,7 @@ struct Verify {
     cursor: u64,
     in_flight: usize,
     /// offset -> (local digest, peer digest)
-    halves: HashMap<u64, (Option<u64>, Option<u64>)>,
+    halves: BTreeMap<u64, (Option<u64>, Option<u64>)>,
     checked_bytes: u64,
     mismatched_regions: Vec<(u64, u64)>,
 }
@@ -296,7 +296,7 @@ pub struct Mirror {
     // The primary's side of the stream.
     next_seq: u64,
     unacked: BTreeMap<u64, Unacked>,
-    reqs: HashMap<u64, ClientReq>,
+    reqs: BTreeMap<u64, ClientReq>,
     active_ranges: Vec<(u64, u64)>,
     waiting: VecDeque<(u64, VolumeRequest)>,
     freeze_until: Option<Instant>,
@@ -310,7 +310,7 @@ pub struct Mirror {
     applies_in_flight: usize,
     outdate_at: Option<Instant>,
     // Internal disk requests.
-    internal: HashMap<u64, Internal>,
+    internal: BTreeMap<u64, Internal>,
     next_internal: u64,
     resync: Option<Resync>,
     last_resync: ResyncProgress,
@@ -331,7 +331,7 @@ pub struct Mirror {
     stream_rx_link: Option<LinkKind>,
     /// Client requests failed when this node demoted with them in flight: their disk
     /// completions are failed too, never acknowledged.
-    abandoned: HashSet<u64>,
+    abandoned: BTreeSet<u64>,
 }
 
 /// A finished request turned into a refusal (`ESHUTDOWN`), its buffer kept.
@@ -413,7 +413,7 @@ impl Mirror {
             outputs: VecDeque::new(),
             next_seq: 1,
             unacked: BTreeMap::new(),
-            reqs: HashMap::new(),
+            reqs: BTreeMap::new(),
             active_ranges: Vec::new(),
             waiting: VecDeque::new(),
             freeze_until: None,
@@ -425,7 +425,7 @@ impl Mirror {
             applied_status: BTreeMap::new(),
             applies_in_flight: 0,
             outdate_at: None,
-            internal: HashMap::new(),
+            internal: BTreeMap::new(),
             next_internal: 0,
             resync: None,
             last_resync: ResyncProgress::default(),
@@ -438,7 +438,7 @@ impl Mirror {
             resync_ids: 0,
             fo: failover::Failover::default(),
             stream_rx_link: None,
-            abandoned: HashSet::new(),
+            abandoned: BTreeSet::new(),
         }
     }
 
@@ -1850,7 +1850,7 @@ impl Mirror {
                         // the write. The regions differ now: the resync copies this disk's
                         // version over the peer's, so the replicas converge.
                         log::error!("disk: a write failed on this disk (offset={offset} len={len}); its regions will be resynced to the peer");
-                        self.map.mark(offset, len);
+                        self.map.note_write(offset, len);
                         self.persist_bitmap();
                     }
                     self.try_finish(tag);
@@ -2194,6 +2194,11 @@ impl Mirror {
         let Some(resync) = self.resync.as_ref() else {
             return;
         };
+        if resync.done_sent {
+            // Ending: regions marked since wait for the next resync (a read begun now would
+            // complete after this resync is gone).
+            return;
+        }
         let busy = !self.reqs.is_empty();
         let window = if busy {
             RESYNC_WINDOW_BUSY

@@ -16,11 +16,10 @@
 //! requests complete; segments move along the pipes; clients act; each board whose daemon runs
 //! takes one turn of its main loop (its due inputs in arrival order, its timers before or after
 //! them, drawn at random, as `epoll` would order them), and every output of its engine is carried
-//! out at once. The checkers run after every step. Nothing reads the wall clock, and what
-//! follows an engine's outputs never depends on their order within one call (the engine keeps
-//! its client requests in a `HashMap`, whose order changes from one process to the next: replies
-//! are taken in tag order, and disk latencies drawn from what each request is), so a seed
-//! replays exactly (`a_seed_replays_exactly` checks it).
+//! out at once. The checkers run after every step. Nothing reads the wall clock, the engine
+//! keeps its requests in ordered maps, and what follows an engine's outputs never depends on
+//! their order within one call (replies are taken in tag order, disk latencies drawn from what
+//! each request is), so a seed replays exactly (`a_seed_replays_exactly` checks it).
 //!
 //! # What is modelled
 //!
@@ -511,7 +510,7 @@ impl PairSim {
     /// that the replicas are identical and hold every acknowledged write. Returns how long it
     /// took.
     pub fn settle(&mut self) -> Outcome<u64> {
-        self.repair_all();
+        self.repair_all()?;
         self.set_workload(false);
         let start = self.now;
         loop {

@@ -676,9 +676,8 @@ impl PairSim {
             for output in links {
                 self.route_link(i, output)?;
             }
-            // Replies last, by tag: the engine keeps its requests in a `HashMap`, so the order
-            // in which it finishes several at once changes from one process to the next; the
-            // simulation must not (a seed replays exactly).
+            // Replies last, by tag: what the simulation does next never depends on the order
+            // in which the engine finished several requests at once.
             let (mut done, others): (Vec<EngineOutput>, Vec<EngineOutput>) = outputs
                 .into_iter()
                 .partition(|o| matches!(o, EngineOutput::Done { .. }));

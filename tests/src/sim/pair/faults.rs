@@ -24,7 +24,7 @@ use tandem::peer::LinkKind;
 
 use super::super::prng::Prng;
 use super::lan::LanFaults;
-use super::{Event, PairSim, A, B, DAEMON_RESTART_MS};
+use super::{Event, Outcome, PairSim, A, B, DAEMON_RESTART_MS};
 
 /// Which faults a run draws: the whole model, or one corner of it for a quick test aimed at
 /// one rule (`sim --faults NAME`).
@@ -203,15 +203,16 @@ impl PairSim {
 
     /// Everything back to normal: cables in, no loss or delay, disks healthy, boards powered,
     /// resumed, their daemons running.
-    pub fn repair_all(&mut self) {
+    pub fn repair_all(&mut self) -> Outcome<()> {
         self.lan.faults = LanFaults::default();
         for i in [A, B] {
             self.boards[i].disk_fail_per_million = 0;
             self.unstall(i);
             self.resume(i);
-            let _ = self.restart_daemon(i);
+            self.restart_daemon(i)?;
             self.power_on(i);
         }
+        Ok(())
     }
 }
 
@@ -230,6 +231,9 @@ fn draw_board(p: &mut Prng, sim: &PairSim) -> usize {
         1 - primary
     }
 }
+
+/// Draws of a fault before concluding that the run's fault set allows none of that kind.
+const DRAWS_MAX: u32 = 1_000;
 
 /// A fault and when it is repaired.
 type Timed = (Fault, u64);
@@ -300,10 +304,15 @@ impl FaultPlan {
                     };
                 }
                 Some((_, first_end)) => {
-                    let (fault, duration_ms) = self.draw(sim, FaultPlan::draw_second);
-                    sim.apply(fault);
-                    self.active
-                        .push((fault, (now + duration_ms.max(1)).min(first_end)));
+                    // A fault set may allow no second fault at all (`long-hangs`: the second
+                    // is never a hang): then the first lasts alone.
+                    if let Some((fault, duration_ms)) =
+                        self.try_draw(sim, FaultPlan::draw_second, DRAWS_MAX)
+                    {
+                        sim.apply(fault);
+                        self.active
+                            .push((fault, (now + duration_ms.max(1)).min(first_end)));
+                    }
                     self.next_start = u64::MAX;
                 }
             }
@@ -320,20 +329,30 @@ impl FaultPlan {
         }
     }
 
-    /// A fault of the run's set (`PairOptions::faults`), drawn by `draw` until one is. (A set
-    /// that `draw` never yields never ends: `draw_second` draws no hang, so `--faults long-hangs
-    /// --double-faults` spins once a second fault is due.)
+    /// A fault of the run's set (`PairOptions::faults`), drawn by `draw` until one is (every
+    /// set allows some fault `draw_any` yields).
     fn draw(
         &mut self,
         sim: &PairSim,
         draw: fn(&mut FaultPlan, &PairSim) -> (Fault, u64),
     ) -> (Fault, u64) {
         loop {
-            let (fault, duration_ms) = draw(self, sim);
-            if sim.options.faults.allows(&fault, duration_ms) {
-                return (fault, duration_ms);
+            if let Some(drawn) = self.try_draw(sim, draw, DRAWS_MAX) {
+                return drawn;
             }
         }
+    }
+
+    /// A fault of the run's set drawn by `draw`, if one of `attempts` draws is.
+    fn try_draw(
+        &mut self,
+        sim: &PairSim,
+        draw: fn(&mut FaultPlan, &PairSim) -> (Fault, u64),
+        attempts: u32,
+    ) -> Option<(Fault, u64)> {
+        (0..attempts)
+            .map(|_| draw(self, sim))
+            .find(|(fault, duration_ms)| sim.options.faults.allows(fault, *duration_ms))
     }
 
     /// The second of two faults at once (see the type's documentation).
