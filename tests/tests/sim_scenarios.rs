@@ -318,7 +318,11 @@ fn a_write_that_fails_on_the_primarys_disk_is_resynced_to_its_peer() {
     };
     sim.apply(fault);
     let marked = ok(sim.run_until_cond(2_000, |s| s.dirty_bytes(A).is_some_and(|d| d > 0)));
-    assert!(marked, "no failed write was marked dirty:\n{}", sim.timeline_text());
+    assert!(
+        marked,
+        "no failed write was marked dirty:\n{}",
+        sim.timeline_text()
+    );
     sim.repair(fault);
     ok(sim.run_for(2_000));
     assert_eq!(sim.primary(), Some(A));
@@ -348,7 +352,11 @@ fn a_follower_that_degrades_while_the_leader_starts_an_exchange_pairs_after_it()
             && s.disk_state(A) == Some(DiskState::UpToDate)
             && s.dirty_bytes(B) == Some(0)
     }));
-    assert!(paired, "the pair did not pair again:\n{}", sim.timeline_text());
+    assert!(
+        paired,
+        "the pair did not pair again:\n{}",
+        sim.timeline_text()
+    );
     settle(&mut sim);
 }
 

@@ -179,6 +179,14 @@ pub struct PeerLinks {
     /// The peer's volume identity, from the last handshake.
     peer_volume_id: Option<[u8; PEER_VOLUME_ID_BYTES]>,
     last_heard: Option<Instant>,
+    /// `last_heard`, but only from frames that cannot have waited in a socket while this node
+    /// was not running (see [`PeerLinks::last_heard_trusted`]).
+    last_heard_trusted: Option<Instant>,
+    /// When this node's inputs last came in (any call).
+    last_turn: Option<Instant>,
+    /// This node resumed here after a gap in its inputs (a hung daemon, a stalled board), and
+    /// no keepalive has since echoed a time of this node's clock from after it.
+    resumed_at: Option<Instant>,
     outputs: VecDeque<LinkOutput>,
     events: VecDeque<LinkEvent>,
     /// This node's state, sent after every keepalive header.
@@ -202,6 +210,9 @@ impl PeerLinks {
             last_refusal: [None, None],
             peer_volume_id: None,
             last_heard: None,
+            last_heard_trusted: None,
+            last_turn: None,
+            resumed_at: None,
             outputs: VecDeque::new(),
             events: VecDeque::new(),
             beat: Vec::new(),
@@ -305,6 +316,35 @@ impl PeerLinks {
         self.last_heard
     }
 
+    /// When the peer was last heard, not counting what arrived after a gap in this node's own
+    /// running until the peer proves it heard this node since (a keepalive echoing a time from
+    /// after the gap). Bytes that waited in a socket through a hang would otherwise pass for
+    /// news: a secondary's takeover deadline counts from this, so that it never outlasts the
+    /// primary's degrade wait, which counts from when the primary last heard *this* node.
+    pub fn last_heard_trusted(&self) -> Option<Instant> {
+        self.last_heard_trusted
+    }
+
+    /// Every input passes here first: a gap of half the dead time since the previous one means
+    /// this node was not running (its loop runs at least every heartbeat interval).
+    fn note_turn(&mut self, now: Instant) {
+        if self
+            .last_turn
+            .is_some_and(|last| now.millis_since(last) > self.settings.dead_time_ms / 2)
+        {
+            self.resumed_at = Some(now);
+        }
+        self.last_turn = Some(now);
+    }
+
+    /// A frame from the peer arrived now.
+    fn heard(&mut self, now: Instant) {
+        self.last_heard = Some(now);
+        if self.resumed_at.is_none() {
+            self.last_heard_trusted = Some(now);
+        }
+    }
+
     /// The peer's volume identity, once a handshake has told it.
     pub fn peer_volume_id(&self) -> Option<[u8; PEER_VOLUME_ID_BYTES]> {
         self.peer_volume_id
@@ -398,6 +438,7 @@ impl PeerLinks {
         nonce: [u8; PEER_NONCE_BYTES],
         now: Instant,
     ) -> LinkConn {
+        self.note_turn(now);
         let i = index(link);
         // On a link that is up, the new connection is only a candidate until it authenticates.
         let as_candidate = matches!(self.links[i], Link::Up { .. });
@@ -454,6 +495,7 @@ impl PeerLinks {
 
     /// Bytes arrived on a connection.
     pub fn handle_bytes(&mut self, conn: LinkConn, bytes: &[u8], now: Instant) {
+        self.note_turn(now);
         let i = index(conn.link);
         if let Some(candidate) = self.candidates[i].as_mut().filter(|c| c.conn == conn) {
             let result = candidate.handshake.handle_bytes(bytes);
@@ -549,6 +591,13 @@ impl PeerLinks {
                             // took is lying or confused: no measurement.
                             *rtt_ms = elapsed.and_then(|e| e.checked_sub(held));
                             *echo_ms = (*echo_ms).max(echo);
+                            if self.resumed_at.is_some_and(|t| echo >= t.as_millis()) {
+                                // The peer heard this node after the gap: news again.
+                                self.resumed_at = None;
+                            }
+                        }
+                        if self.resumed_at.is_none() {
+                            self.last_heard_trusted = Some(now);
                         }
                         if body.len() > KEEPALIVE_HEADER_BYTES {
                             self.events.push_back(LinkEvent::Beat {
@@ -564,6 +613,9 @@ impl PeerLinks {
                     // does not know: a newer peer's).
                     *last_heard = now;
                     self.last_heard = Some(now);
+                    if self.resumed_at.is_none() {
+                        self.last_heard_trusted = Some(now);
+                    }
                     self.events.push_back(LinkEvent::Frame {
                         link: conn.link,
                         kind,
@@ -606,6 +658,7 @@ impl PeerLinks {
 
     /// Time passed: keepalives go out, silent links and stuck handshakes are closed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.note_turn(now);
         let beat_now = std::mem::take(&mut self.beat_changed);
         for i in 0..2 {
             let stuck = self.candidates[i]
@@ -719,7 +772,7 @@ impl PeerLinks {
         }
         self.peer_volume_id = Some(peer_volume_id);
         self.last_refusal[i] = None;
-        self.last_heard = Some(now);
+        self.heard(now);
         self.links[i] = Link::Up {
             conn,
             session: Box::new(session),
@@ -890,6 +943,46 @@ mod tests {
             a.poll_output(),
             Some(LinkOutput::Send { .. }) | Some(LinkOutput::Close { .. })
         ));
+    }
+
+    /// b hangs for two seconds while a keeps sending; the keepalives wait in b's socket. On
+    /// waking, b reads them: the link counts them (it stays up), but its trusted last-heard stays
+    /// at the hang's start until a keepalive from a echoes a time of b's clock from after it.
+    #[test]
+    fn frames_that_waited_through_a_hang_are_not_trusted_until_the_peer_echoes_the_wake() {
+        let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
+        let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
+        let (ca, cb) = connect(&mut a, &mut b, LinkKind::Heartbeat, Instant::from_millis(0));
+        for ms in (100..=1000).step_by(100) {
+            let now = Instant::from_millis(ms);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            pump(&mut a, &mut b, cb, now);
+            pump(&mut b, &mut a, ca, now);
+        }
+        assert_eq!(b.last_heard_trusted(), Some(Instant::from_millis(1000)));
+        // b hangs from 1000 to 3000; a's keepalives of 1100..=1500 wait for it.
+        let mut waiting = Vec::new();
+        for ms in (1100..=1500).step_by(100) {
+            a.handle_timeout(Instant::from_millis(ms));
+            while let Some(output) = a.poll_output() {
+                if let LinkOutput::Send { bytes, .. } = output {
+                    waiting.push(bytes);
+                }
+            }
+        }
+        let wake = Instant::from_millis(3000);
+        for bytes in &waiting {
+            b.handle_bytes(cb, bytes, wake);
+        }
+        assert_eq!(b.last_heard(), Some(wake));
+        assert_eq!(b.last_heard_trusted(), Some(Instant::from_millis(1000)));
+        // b's keepalive of 3000 reaches a, whose next one echoes it: news again.
+        b.handle_timeout(wake);
+        pump(&mut b, &mut a, ca, Instant::from_millis(3005));
+        a.handle_timeout(Instant::from_millis(3100));
+        pump(&mut a, &mut b, cb, Instant::from_millis(3105));
+        assert_eq!(b.last_heard_trusted(), Some(Instant::from_millis(3105)));
     }
 
     #[test]

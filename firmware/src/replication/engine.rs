@@ -110,6 +110,10 @@ pub struct Mutations {
     pub no_lease: bool,
     /// A takeover does not probe the cluster IP (rule 3).
     pub no_arp_probe: bool,
+    /// A secondary's takeover deadline counts from any bytes heard, also those that waited in
+    /// a socket while this node was not running (the second guard of rule 3's deadline, beside
+    /// the probe: see `PeerLinks::last_heard_trusted`).
+    pub stale_last_heard: bool,
     /// A takeover ignores the uplink, and no primary fences (rules 3 and 4).
     pub no_gateway_check: bool,
 }
@@ -955,7 +959,7 @@ impl Mirror {
                 let in_sync = !self.syncing;
                 self.syncing = false;
                 if self.disk == DiskFreshness::UpToDate {
-                    let last = self.links.last_heard().unwrap_or(self.now);
+                    let last = self.takeover_last_heard();
                     self.outdate_at = Some(last.plus_millis(self.takeover_window_ms()));
                     if !self.links.is_connected() && self.role == Role::Secondary {
                         self.start_takeover(was_paired && in_sync);
@@ -1906,8 +1910,8 @@ impl Mirror {
                 if let Some(i) = self.active_ranges.iter().position(|&a| a == range) {
                     self.active_ranges.swap_remove(i);
                 }
-                self.admit_waiting();
                 let Some(resync) = self.resync_if(resync_id) else {
+                    self.admit_waiting();
                     return; // an abandoned resync: its regions were released then
                 };
                 resync.reading -= 1;
@@ -1940,6 +1944,9 @@ impl Mirror {
                         self.map.resync_aborted(region);
                     }
                 }
+                // Only now may a client write that waited for this range go: its stream
+                // message must come after the data read before it, or the peer, which applies
+                // in stream order, would put the older data over the acknowledged write.
                 self.admit_waiting();
             }
             Internal::VerifyRead { offset, len } => {

@@ -3,7 +3,7 @@
 //! one-line reproduction of the first failure and exits non-zero.
 //!
 //! `cargo run -p tandem-tests --release --bin sim -- [--pair] [--seed N] [--start S] [--steps N]
-//! [--seeds N] [--forever] [--mutation no_lease|no_arp_probe|no_gateway_check]
+//! [--seeds N] [--forever] [--mutation no_lease|no_arp_probe|stale_last_heard|no_gateway_check]
 //! [--faults all|long-stalls|long-hangs|cable-losses] [--double-faults] [--trace]`
 //!
 //! `--pair` runs the two-node simulator (`tandem_tests::sim::pair`) instead of the one-node
@@ -26,7 +26,7 @@ const PAIR_FAULT_MS_DEFAULT: u64 = 30_000;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: sim [--pair] [--seed N] [--start S] [--steps N] [--seeds N] [--forever] \
-         [--mutation no_lease|no_arp_probe|no_gateway_check] \
+         [--mutation no_lease|no_arp_probe|stale_last_heard|no_gateway_check] \
          [--faults all|long-stalls|long-hangs|cable-losses] [--double-faults] [--trace]"
     );
     ExitCode::from(64)
@@ -71,6 +71,7 @@ fn main() -> ExitCode {
             "--mutation" => match args.next().as_deref() {
                 Some("no_lease") => options.mutations.no_lease = true,
                 Some("no_arp_probe") => options.mutations.no_arp_probe = true,
+                Some("stale_last_heard") => options.mutations.stale_last_heard = true,
                 Some("no_gateway_check") => options.mutations.no_gateway_check = true,
                 _ => return usage(),
             },

@@ -154,6 +154,7 @@ impl PairOptions {
         for (on, name) in [
             (self.mutations.no_lease, "no_lease"),
             (self.mutations.no_arp_probe, "no_arp_probe"),
+            (self.mutations.stale_last_heard, "stale_last_heard"),
             (self.mutations.no_gateway_check, "no_gateway_check"),
         ] {
             if on {

@@ -163,6 +163,18 @@ impl Mirror {
             .is_some_and(|echo| self.now < echo.plus_millis(self.settings.dead_time_ms))
     }
 
+    /// When the peer was last heard, for a secondary's takeover deadline: not counting bytes
+    /// that waited in a socket while this node hung or stalled, which would push the deadline
+    /// past the primary's degrade wait.
+    pub(super) fn takeover_last_heard(&self) -> Instant {
+        let heard = if self.settings.mutations.stale_last_heard {
+            self.links.last_heard()
+        } else {
+            self.links.last_heard_trusted()
+        };
+        heard.unwrap_or(self.now)
+    }
+
     fn peer_eligible(&self) -> bool {
         let Some(beat) = self.fo.peer_beat else {
             return false;
@@ -589,7 +601,7 @@ impl Mirror {
             log::warn!("peer lost; no takeover: {blocker}");
             return;
         }
-        let last = self.links.last_heard().unwrap_or(self.now);
+        let last = self.takeover_last_heard();
         let deadline = last.plus_millis(self.takeover_window_ms());
         log::warn!(
             "peer lost: probing the cluster IP before taking over (silent_ms={})",
