@@ -41,6 +41,18 @@ fn paired_default() -> PairSim {
     paired(PairOptions::default())
 }
 
+/// A paired pair whose primary is `nas-b` (by switchover), so that the primary is the follower
+/// of the exchanges and the node that accepts the links.
+fn paired_with_b_primary() -> PairSim {
+    let mut sim = paired_default();
+    let (accepted, reply) = ok(sim.switchover(A));
+    assert!(accepted, "{reply}");
+    let moved = ok(sim.run_until_cond(3_000, |s| s.primary() == Some(B)));
+    assert!(moved, "the switchover did not happen");
+    ok(sim.run_for(1_000));
+    sim
+}
+
 /// Acknowledgements by `board` in `from..to`.
 fn acks_by(sim: &PairSim, board: usize, from: u64, to: u64) -> usize {
     sim.acks()
@@ -337,12 +349,7 @@ fn a_write_that_fails_on_the_primarys_disk_is_resynced_to_its_peer() {
 /// or the pair never mirrors again.
 #[test]
 fn a_follower_that_degrades_while_the_leader_starts_an_exchange_pairs_after_it() {
-    let mut sim = paired_default();
-    let (accepted, reply) = ok(sim.switchover(A));
-    assert!(accepted, "{reply}");
-    let moved = ok(sim.run_until_cond(3_000, |s| s.primary() == Some(B)));
-    assert!(moved, "the switchover did not happen");
-    ok(sim.run_for(1_000));
+    let mut sim = paired_with_b_primary();
     sim.hang(B);
     ok(sim.run_for(DEAD_TIME_MS + 600));
     assert_eq!(sim.disk_state(A), Some(DiskState::Outdated));
@@ -524,12 +531,7 @@ fn the_dead_board_returns_and_resyncs_only_what_changed() {
 /// the links, is the one that took over): the woken primary must not serve again.
 #[test]
 fn a_stalled_primary_that_wakes_never_serves_beside_the_node_that_took_over() {
-    let mut sim = paired_default();
-    let (accepted, reply) = ok(sim.switchover(A));
-    assert!(accepted, "{reply}");
-    let moved = ok(sim.run_until_cond(3_000, |s| s.primary() == Some(B)));
-    assert!(moved, "the switchover did not happen");
-    ok(sim.run_for(1_000));
+    let mut sim = paired_with_b_primary();
     let t0 = sim.now();
     sim.stall(B);
     ok(sim.run_for(3_400));

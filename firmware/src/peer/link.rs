@@ -866,6 +866,22 @@ mod tests {
         moved + closes
     }
 
+    /// Keepalives both ways every 100 ms from 100 to `until_ms`, delivered at once.
+    fn keepalives_both_ways(
+        a: &mut PeerLinks,
+        b: &mut PeerLinks,
+        (ca, cb): (LinkConn, LinkConn),
+        until_ms: u64,
+    ) {
+        for ms in (100..=until_ms).step_by(100) {
+            let now = Instant::from_millis(ms);
+            a.handle_timeout(now);
+            b.handle_timeout(now);
+            pump(a, b, cb, now);
+            pump(b, a, ca, now);
+        }
+    }
+
     fn connect(
         a: &mut PeerLinks,
         b: &mut PeerLinks,
@@ -925,13 +941,7 @@ mod tests {
         let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
         let (ca, cb) = connect(&mut a, &mut b, LinkKind::Heartbeat, Instant::from_millis(0));
         // Three seconds of keepalives both ways, 100 ms apart.
-        for ms in (100..=3000).step_by(100) {
-            let now = Instant::from_millis(ms);
-            a.handle_timeout(now);
-            b.handle_timeout(now);
-            pump(&mut a, &mut b, cb, now);
-            pump(&mut b, &mut a, ca, now);
-        }
+        keepalives_both_ways(&mut a, &mut b, (ca, cb), 3000);
         assert_eq!(a.state(LinkKind::Heartbeat), LinkState::Up);
         assert_eq!(a.last_heard(), Some(Instant::from_millis(3000)));
         // Then b falls silent: a gives up after the dead time, not before.
@@ -953,13 +963,7 @@ mod tests {
         let mut a = PeerLinks::new(settings("nas-a", "nas-b", KEY));
         let mut b = PeerLinks::new(settings("nas-b", "nas-a", KEY));
         let (ca, cb) = connect(&mut a, &mut b, LinkKind::Heartbeat, Instant::from_millis(0));
-        for ms in (100..=1000).step_by(100) {
-            let now = Instant::from_millis(ms);
-            a.handle_timeout(now);
-            b.handle_timeout(now);
-            pump(&mut a, &mut b, cb, now);
-            pump(&mut b, &mut a, ca, now);
-        }
+        keepalives_both_ways(&mut a, &mut b, (ca, cb), 1000);
         assert_eq!(b.last_heard_trusted(), Some(Instant::from_millis(1000)));
         // b hangs from 1000 to 3000; a's keepalives of 1100..=1500 wait for it.
         let mut waiting = Vec::new();
