@@ -227,7 +227,7 @@ enum Pairing {
         peer: Option<PeerState>,
         peer_map: Box<DirtyMap>,
         /// When this exchange started: one that has not decided within
-        /// `exchange_timeout_ms` (a message lost with a dying link) starts again.
+        /// the acknowledgement timeout (a message lost with a dying link) starts again.
         since: Instant,
     },
     /// Decided: mirroring (and resyncing, if a resync is running).
