@@ -527,6 +527,33 @@ fn the_dead_board_returns_and_resyncs_only_what_changed() {
     assert!(done <= 8 << 20, "resynced {done} bytes");
 }
 
+/// nas-b, primary, stalls for four seconds and nas-a takes over. nas-b wakes just as nas-a's
+/// whole board stalls in turn: nas-b's degrade probe finds nobody answering for the cluster IP.
+/// A primary that slept through a takeover window cannot tell a successor that is stalled (or
+/// dead) from none: it must not serve alone until its peer shows itself, and here it demotes.
+#[test]
+fn a_primary_that_wakes_from_a_long_stall_never_serves_alone_beside_a_stalled_successor() {
+    let mut sim = paired_with_b_primary();
+    let t0 = sim.now();
+    sim.stall(B);
+    ok(sim.run_for(4_000));
+    let promoted = promoted_at(&sim, A, t0).expect("nas-a takes over while nas-b is stalled");
+    sim.unstall(B);
+    sim.stall(A);
+    ok(sim.run_for(3_000));
+    sim.unstall(A);
+    ok(sim.run_for(3_000));
+    assert_eq!(
+        acks_by(&sim, B, t0, sim.now()),
+        0,
+        "nas-b served beside its successor:\n{}",
+        sim.timeline_text()
+    );
+    assert!(acks_by(&sim, A, promoted, sim.now()) > 0);
+    assert_eq!(sim.primary(), Some(A), "{}", sim.timeline_text());
+    settle(&mut sim);
+}
+
 /// The same stall with the roles the other way round (nas-b primary, so nas-a, which connects
 /// the links, is the one that took over): the woken primary must not serve again.
 #[test]

@@ -536,6 +536,8 @@ impl Mirror {
             ack,
             self.exchange_deadline(),
             self.failover_timeout(),
+            // A tick, so that a longer gap between inputs means this node was not running.
+            Some(self.now.plus_millis(self.settings.dead_time_ms / 4)),
         ]
         .into_iter()
         .flatten()
@@ -678,12 +680,12 @@ impl Mirror {
 
     /// Time passed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.now = now;
+        self.advance(now);
         self.links.handle_timeout(now);
         self.process_link_events();
         let probed = !self.settings.cluster_ip || self.fo.degrade_probed;
         if self.freeze_until.is_some_and(|t| now >= t) && probed {
-            self.finish_degrade();
+            self.end_degrade_wait();
         }
         if self.outdate_at.is_some_and(|t| now >= t) {
             self.outdate_at = None;
@@ -722,7 +724,7 @@ impl Mirror {
         bytes: &[u8],
         now: Instant,
     ) {
-        self.now = now;
+        self.advance(now);
         self.links.handle_bytes(conn, bytes, now);
         self.process_link_events();
         self.pump();
@@ -730,7 +732,7 @@ impl Mirror {
 
     /// A link connection closed.
     pub fn handle_link_closed(&mut self, conn: crate::peer::link::LinkConn, now: Instant) {
-        self.now = now;
+        self.advance(now);
         self.links.handle_closed(conn);
         self.process_link_events();
         self.pump();
@@ -744,7 +746,7 @@ impl Mirror {
         nonce: [u8; crate::peer::PEER_NONCE_BYTES],
         now: Instant,
     ) -> crate::peer::link::LinkConn {
-        self.now = now;
+        self.advance(now);
         let conn = self.links.handle_connected(link, role, nonce, now);
         self.process_link_events();
         conn
@@ -1494,7 +1496,7 @@ impl Mirror {
 
     /// A volume request from the NBD server (only a primary's server serves).
     pub fn submit(&mut self, tag: u64, request: VolumeRequest, now: Instant) {
-        self.now = now;
+        self.advance(now);
         if self.role != Role::Primary {
             self.fail_request(tag, request, errno::ESHUTDOWN);
             return;
@@ -1830,7 +1832,7 @@ impl Mirror {
 
     /// A disk request finished.
     pub fn handle_disk_completion(&mut self, completion: DiskCompletion, now: Instant) {
-        self.now = now;
+        self.advance(now);
         if completion.tag & TAG_INTERNAL != 0 {
             self.internal_done(completion);
         } else {

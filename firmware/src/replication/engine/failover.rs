@@ -62,6 +62,16 @@ const UPLINK_SWITCHOVER_RETRY_MS: u64 = 2_000;
 /// role goes back to it.
 const FAILBACK_STABLE_MS: u64 = 2_000;
 
+/// How a degrade procedure whose wait is over ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DegradeEnd {
+    ServeAlone,
+    /// Not before this instant: this node woke from a long gap and waits for its peer to show
+    /// itself.
+    Wait(Instant),
+    Demote,
+}
+
 /// What a probe of the cluster IP is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Probe {
@@ -113,6 +123,10 @@ pub(super) struct Failover {
     failback_since: Option<Instant>,
     /// The readiness last reported (bits), for the event on a change.
     last_reasons: Option<u32>,
+    /// This node woke here from a gap in its own running of at least the dead time (a stalled
+    /// board, a hung daemon), long enough to hide the peer's takeover; cleared once the peer
+    /// echoes a time from after it (it heard this node since, and its beats show its role).
+    pub(super) woke_unseen: Option<Instant>,
 }
 
 /// Readiness for `status`.
@@ -327,11 +341,66 @@ impl Mirror {
             .min()
     }
 
+    /// Every input passes here first. The engine asks to be called at least every quarter of
+    /// the dead time (`poll_timeout`), so a longer gap means this node was not running.
+    pub(super) fn advance(&mut self, now: Instant) {
+        if now.millis_since(self.now) >= self.settings.dead_time_ms {
+            self.fo.woke_unseen = Some(now);
+        }
+        self.now = now;
+        if self
+            .fo
+            .woke_unseen
+            .is_some_and(|woke| self.links.lease_echo().is_some_and(|echo| echo >= woke))
+        {
+            self.fo.woke_unseen = None;
+        }
+    }
+
+    /// Whether a degrading primary may serve alone now (rule 2), as far as a stall of its own
+    /// goes. One that woke from a gap as long as the dead time may have slept through its
+    /// peer's takeover, and a probe cannot tell: the new primary may itself be stalled then, or
+    /// dead. Such a primary waits a takeover window for the peer to show itself (its beats
+    /// then demote this node, or show it secondary); if it does not, it demotes.
+    fn degrade_after_stall(&self) -> DegradeEnd {
+        let Some(woke) = self.fo.woke_unseen else {
+            return DegradeEnd::ServeAlone;
+        };
+        let until = woke.plus_millis(self.takeover_window_ms());
+        if self.now < until {
+            return DegradeEnd::Wait(until);
+        }
+        DegradeEnd::Demote
+    }
+
+    /// The degrade procedure's wait and probe are over: serve alone, or not yet, or demote
+    /// (see `degrade_after_stall`).
+    pub(super) fn end_degrade_wait(&mut self) {
+        match self.degrade_after_stall() {
+            DegradeEnd::ServeAlone => self.finish_degrade(),
+            DegradeEnd::Wait(until) => {
+                if self.freeze_until != Some(until) {
+                    log::warn!("this node was not running for at least the dead time: it waits for its peer to show itself before serving alone (wait_ms={})", until.millis_since(self.now));
+                    self.freeze_until = Some(until);
+                }
+            }
+            DegradeEnd::Demote => {
+                log::error!("this node was not running for at least the dead time and has not heard its peer since: the peer may have taken over; demoting instead of serving alone (rule 2)");
+                self.demote_abandoning();
+                // A secondary that did not take over: the peer may be writing alone.
+                self.outdate_at = Some(self.now);
+                if self.links.is_connected() && matches!(self.pairing, Pairing::None) {
+                    self.start_pairing();
+                }
+            }
+        }
+    }
+
     // ---- inputs --------------------------------------------------------------------------
 
     /// The runtime's view of this node's uplink: the lan port's carrier and the gateway probe.
     pub fn set_uplink(&mut self, uplink: UplinkHealth, now: Instant) {
-        self.now = now;
+        self.advance(now);
         if uplink != self.fo.uplink {
             let log_line = format!(
                 "uplink changed (from={} to={})",
@@ -352,7 +421,7 @@ impl Mirror {
     /// The probe the engine asked for ([`EngineOutput::ProbeClusterIp`]) ended: `answered` when
     /// a host other than this one claimed the cluster IP.
     pub fn handle_cluster_ip_probe(&mut self, answered: bool, now: Instant) {
-        self.now = now;
+        self.advance(now);
         match self.fo.probe.take() {
             Some(Probe::Takeover { deadline }) => self.finish_takeover(answered, deadline),
             Some(Probe::Degrade) => {
@@ -362,7 +431,7 @@ impl Mirror {
                 } else {
                     self.fo.degrade_probed = true;
                     if self.freeze_until.is_some_and(|t| now >= t) {
-                        self.finish_degrade();
+                        self.end_degrade_wait();
                     }
                 }
             }
@@ -373,7 +442,7 @@ impl Mirror {
 
     /// An ARP packet from another MAC claimed the cluster IP.
     pub fn handle_cluster_ip_conflict(&mut self, now: Instant) {
-        self.now = now;
+        self.advance(now);
         if self.role != Role::Primary || !self.fo.holds_ip {
             return;
         }

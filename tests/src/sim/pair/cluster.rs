@@ -13,7 +13,7 @@ use super::{Event, Outcome, PairSim};
 
 use tandem::replication::engine::schedule::{
     probe_due_ms, ANNOUNCE_AT_MS, ANNOUNCE_LATE_MS, GATEWAY_PROBE_INTERVAL_MS, GATEWAY_SILENCE_MS,
-    PROBE_COUNT, PROBE_OVERRUN_MS,
+    GATEWAY_UNANSWERED_MIN, PROBE_COUNT, PROBE_OVERRUN_MS,
 };
 
 /// A probe of the cluster IP under way.
@@ -28,6 +28,8 @@ pub(super) struct ProbeRun {
 #[derive(Debug, Default)]
 pub(super) struct BoardNet {
     pub(super) gateway_heard: Option<u64>,
+    /// Gateway probes sent since its last answer.
+    pub(super) gateway_unanswered: u32,
     pub(super) next_gateway_probe: u64,
     pub(super) reported: Option<UplinkHealth>,
     pub(super) probe: Option<ProbeRun>,
@@ -45,9 +47,12 @@ impl BoardNet {
         if !gateway_probe {
             return UplinkHealth::Healthy;
         }
+        // Silent only once enough probes went unanswered: a board that was stalled (nothing
+        // sent) does not blame the gateway for its own silence.
+        let silent = self.gateway_unanswered >= GATEWAY_UNANSWERED_MIN;
         match self.gateway_heard {
-            Some(t) if now - t < GATEWAY_SILENCE_MS => UplinkHealth::Healthy,
-            None if self.reported.is_none() => UplinkHealth::Unknown,
+            Some(t) if now - t < GATEWAY_SILENCE_MS || !silent => UplinkHealth::Healthy,
+            None if !silent => UplinkHealth::Unknown,
             _ => UplinkHealth::Down,
         }
     }
@@ -71,6 +76,7 @@ impl BoardNet {
             return false;
         }
         self.next_gateway_probe = now + GATEWAY_PROBE_INTERVAL_MS;
+        self.gateway_unanswered = self.gateway_unanswered.saturating_add(1);
         true
     }
 }
@@ -86,6 +92,7 @@ impl PairSim {
             && self.lan.lan_both_ways(Host::Board(i), Host::Gateway)
         {
             self.boards[i].net.gateway_heard = Some(now);
+            self.boards[i].net.gateway_unanswered = 0;
         }
         self.probe_step(i)?;
         self.announce_step(i);
