@@ -574,7 +574,6 @@ impl PeerLinks {
             match session.open_in_place(frame) {
                 Ok((FRAME_KEEPALIVE, body)) => {
                     *last_heard = now;
-                    self.last_heard = Some(now);
                     if let Some(header) = body.get(..KEEPALIVE_HEADER_BYTES) {
                         let field = |k: usize| {
                             let mut b = [0u8; 8];
@@ -596,9 +595,6 @@ impl PeerLinks {
                                 self.resumed_at = None;
                             }
                         }
-                        if self.resumed_at.is_none() {
-                            self.last_heard_trusted = Some(now);
-                        }
                         if body.len() > KEEPALIVE_HEADER_BYTES {
                             self.events.push_back(LinkEvent::Beat {
                                 link: conn.link,
@@ -607,20 +603,20 @@ impl PeerLinks {
                             });
                         }
                     }
+                    // After the echo: a keepalive that proves the peer heard this node since
+                    // its gap is itself news.
+                    self.heard(now);
                 }
                 Ok((kind, body)) => {
                     // Every other frame is the replication engine's (which ignores kinds it
                     // does not know: a newer peer's).
                     *last_heard = now;
-                    self.last_heard = Some(now);
-                    if self.resumed_at.is_none() {
-                        self.last_heard_trusted = Some(now);
-                    }
                     self.events.push_back(LinkEvent::Frame {
                         link: conn.link,
                         kind,
                         body: body.to_vec(),
                     });
+                    self.heard(now);
                 }
                 Err(e) => {
                     // A frame that does not authenticate (forged, replayed, reordered) ends

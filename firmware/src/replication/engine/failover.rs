@@ -62,16 +62,6 @@ const UPLINK_SWITCHOVER_RETRY_MS: u64 = 2_000;
 /// role goes back to it.
 const FAILBACK_STABLE_MS: u64 = 2_000;
 
-/// How a degrade procedure whose wait is over ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum DegradeEnd {
-    ServeAlone,
-    /// Not before this instant: this node woke from a long gap and waits for its peer to show
-    /// itself.
-    Wait(Instant),
-    Demote,
-}
-
 /// What a probe of the cluster IP is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Probe {
@@ -357,42 +347,30 @@ impl Mirror {
         }
     }
 
-    /// Whether a degrading primary may serve alone now (rule 2), as far as a stall of its own
-    /// goes. One that woke from a gap as long as the dead time may have slept through its
-    /// peer's takeover, and a probe cannot tell: the new primary may itself be stalled then, or
-    /// dead. Such a primary waits a takeover window for the peer to show itself (its beats
-    /// then demote this node, or show it secondary); if it does not, it demotes.
-    fn degrade_after_stall(&self) -> DegradeEnd {
+    /// The degrade procedure's wait and probe are over: serve alone (rule 2), unless this node
+    /// woke from a gap as long as the dead time. Then it may have slept through its peer's
+    /// takeover, and a probe cannot tell: the new primary may itself be stalled, or dead. It
+    /// waits a takeover window for the peer to show itself (its beats then demote this node,
+    /// or show it secondary); if the peer does not, it demotes.
+    pub(super) fn end_degrade_wait(&mut self) {
         let Some(woke) = self.fo.woke_unseen else {
-            return DegradeEnd::ServeAlone;
+            self.finish_degrade();
+            return;
         };
         let until = woke.plus_millis(self.takeover_window_ms());
         if self.now < until {
-            return DegradeEnd::Wait(until);
+            if self.freeze_until != Some(until) {
+                log::warn!("this node was not running for at least the dead time: it waits for its peer to show itself before serving alone (wait_ms={})", until.millis_since(self.now));
+                self.freeze_until = Some(until);
+            }
+            return;
         }
-        DegradeEnd::Demote
-    }
-
-    /// The degrade procedure's wait and probe are over: serve alone, or not yet, or demote
-    /// (see `degrade_after_stall`).
-    pub(super) fn end_degrade_wait(&mut self) {
-        match self.degrade_after_stall() {
-            DegradeEnd::ServeAlone => self.finish_degrade(),
-            DegradeEnd::Wait(until) => {
-                if self.freeze_until != Some(until) {
-                    log::warn!("this node was not running for at least the dead time: it waits for its peer to show itself before serving alone (wait_ms={})", until.millis_since(self.now));
-                    self.freeze_until = Some(until);
-                }
-            }
-            DegradeEnd::Demote => {
-                log::error!("this node was not running for at least the dead time and has not heard its peer since: the peer may have taken over; demoting instead of serving alone (rule 2)");
-                self.demote_abandoning();
-                // A secondary that did not take over: the peer may be writing alone.
-                self.outdate_at = Some(self.now);
-                if self.links.is_connected() && matches!(self.pairing, Pairing::None) {
-                    self.start_pairing();
-                }
-            }
+        log::error!("this node was not running for at least the dead time and has not heard its peer since: the peer may have taken over; demoting instead of serving alone (rule 2)");
+        self.demote_abandoning();
+        // A secondary that did not take over: the peer may be writing alone.
+        self.outdate_at = Some(self.now);
+        if self.links.is_connected() && matches!(self.pairing, Pairing::None) {
+            self.start_pairing();
         }
     }
 
